@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("run", "weights"):
+        from sweep.tf_quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     if args.command == "weights":
         from sweep.weights import provision_weights
 
@@ -117,6 +122,8 @@ def _report(config: object, top: int) -> int:
 
 def _configure_logging(verbose: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="keras")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -16,6 +17,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sweep.errors import SweepError
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading exponents without a dot (``1e-4``) as floats, as YAML 1.2 does."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text; ``1e-4`` is a float, not a string."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 class _Section(BaseModel):
@@ -32,7 +50,9 @@ class StudySection(_Section):
     seed: int = Field(0, ge=0, description="Seed of the sampler, the fold assignment, the subsample and the model initialisation.")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
     pruner: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner, fed the running mean after each fold.")
-    objective: Literal["auc", "balanced_accuracy", "accuracy", "loss"] = Field("auc", description="Validation metric averaged over folds; loss is minimised, the rest maximised.")
+    objective: Literal["auc", "balanced_accuracy", "accuracy", "loss"] = Field(
+        "auc", description="Validation metric averaged over folds; loss is minimised, the rest maximised."
+    )
 
     @property
     def folder(self) -> Path:
@@ -43,7 +63,7 @@ class StudySection(_Section):
         return self.storage or f"sqlite:///{self.folder / 'study.db'}"
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         return "minimize" if self.objective == "loss" else "maximize"
 
 
@@ -101,8 +121,8 @@ class FloatRange(_Section):
 
 
 class IntRange(FloatRange):
-    low: int = Field(description="Lower bound, inclusive.")  # type: ignore[assignment]
-    high: int = Field(description="Upper bound, inclusive.")  # type: ignore[assignment]
+    low: int = Field(description="Lower bound, inclusive.")
+    high: int = Field(description="Upper bound, inclusive.")
 
 
 class SearchSection(_Section):
@@ -112,7 +132,9 @@ class SearchSection(_Section):
     decay: FloatRange | float = Field(FloatRange(low=1e-6, high=1e-2, log=True), description="Inverse-time decay rate per step: lr / (1 + decay * step).")
     head_units: IntRange | int = Field(IntRange(low=32, high=256, log=True), description="Units of the hidden dense layer of the head.")
     dropout: FloatRange | float = Field(FloatRange(low=0.0, high=0.6), description="Dropout rate after the hidden dense layer.")
-    unfreeze_layers: IntRange | int = Field(IntRange(low=0, high=6), description="Convolution layers unfrozen from the top in phase 2 (0 = head only, 13 = all).")
+    unfreeze_layers: IntRange | int = Field(
+        IntRange(low=0, high=6), description="Convolution layers unfrozen from the top in phase 2 (0 = head only, 13 = all)."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
@@ -178,7 +200,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise SweepError(f"config file not found: '{path}'")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -200,7 +222,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if not sep or not key:
             raise SweepError(f"override must look like KEY=VALUE (for example cv.folds=3), but got '{item}'")
         try:
-            value = yaml.safe_load(text) if text else None
+            value = load_yaml(text) if text else None
         except yaml.YAMLError as err:
             raise SweepError(f"override {key} has a value that is not a valid YAML scalar: '{text}'") from err
         node = data

@@ -102,7 +102,7 @@ def load_dataset(config: Config) -> Dataset:
     if section.limit is not None and section.limit < len(dataset):
         dataset = stratified_subsample(dataset, section.limit, config.study.seed)
         check_dataset(dataset)
-    logger.info("loaded %d images of %d classes from %s", len(dataset), dataset.n_classes, dataset.origin)
+    logger.debug("loaded %d images of %d classes from %s", len(dataset), dataset.n_classes, dataset.origin)
     return dataset
 
 
@@ -148,9 +148,11 @@ def _download_medmnist(section: DataSection, path: Path) -> None:
     logger.info("downloading %s to %s", url, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                shutil.copyfileobj(response, tmp)
+        with (
+            tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp,
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+        ):
+            shutil.copyfileobj(response, tmp)
         digest = hashlib.md5(Path(tmp.name).read_bytes()).hexdigest()
         if digest != known.md5:
             raise SweepError(f"download of {url} has MD5 {digest}, expected {known.md5}; {where}")
@@ -242,9 +244,9 @@ def to_class_indices(raw: np.ndarray, field_name: str, n_images: int) -> np.ndar
         raise SweepError(f"{field_name} must be shaped (N,), (N, 1) or one-hot (N, K), but got {np.asarray(raw).shape}")
     if len(labels) != n_images:
         raise SweepError(f"{field_name} must have one label per image, but got {len(labels)} labels for {n_images} images")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-            raise SweepError(f"{field_name} must be integer class indices, but got dtype {labels.dtype}")
+    whole_floats = np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))
+    if not np.issubdtype(labels.dtype, np.integer) and not whole_floats:
+        raise SweepError(f"{field_name} must be integer class indices, but got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
     if labels.min(initial=0) < 0:
         raise SweepError(f"{field_name} must be >= 0, but got {labels.min()}")
@@ -264,9 +266,7 @@ def check_dataset(dataset: Dataset) -> None:
         finite = np.array([np.isfinite(image).all() for image in dataset.images])
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise SweepError(
-            f"data from '{dataset.origin}' must have finite pixel values, but {len(bad)} images contain NaN or infinity (first: index {bad[0]})"
-        )
+        raise SweepError(f"data from '{dataset.origin}' must have finite pixel values, but {len(bad)} images contain NaN or infinity (first: index {bad[0]})")
 
 
 def stratified_subsample(dataset: Dataset, size: int, seed: int) -> Dataset:
@@ -323,4 +323,3 @@ def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     if high <= low:
         return np.zeros_like(array)
     return (array - low) / (high - low) * 255.0
-

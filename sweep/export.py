@@ -9,8 +9,8 @@ import yaml
 
 from sweep.config import Config, config_from_dict, config_to_dict
 from sweep.errors import SweepError
-from sweep.store import Store
 from sweep.report import PARAM_NAMES, load_study, rank_trials, read_table
+from sweep.store import Store
 
 
 def best_config(config: Config) -> Config:

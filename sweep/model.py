@@ -87,7 +87,7 @@ def freeze_for_phase(model: keras.Model, phase: int, unfreeze_layers: int) -> No
 
 def trainable_layer_names(model: keras.Model) -> list[str]:
     """Return the names of the layers with trainable weights, base layers included."""
-    names = []
+    names: list[str] = []
     for layer in model.layers:
         if layer.name == BASE_NAME:
             names.extend(inner.name for inner in layer.layers if inner.trainable_weights)

@@ -8,8 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
 
 def plot_learning_curves(epochs: pd.DataFrame, trial_number: int, path: Path) -> Path:
@@ -27,11 +27,12 @@ def plot_learning_curves(epochs: pd.DataFrame, trial_number: int, path: Path) ->
     """
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (fold, rows) in enumerate(epochs.sort_values("epoch").groupby("fold")):
+    for index, fold in enumerate(sorted(epochs["fold"].unique())):
+        rows = epochs[epochs["fold"] == fold].sort_values("epoch")
         colour = colours[index % len(colours)]
         for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
-            axis.plot(rows["epoch"], rows[f"train_{metric}"], linestyle="--", marker="o", color=colour, label=f"fold {fold + 1} train")
-            axis.plot(rows["epoch"], rows[f"val_{metric}"], linestyle="-", marker="s", color=colour, label=f"fold {fold + 1} validation")
+            axis.plot(rows["epoch"], rows[f"train_{metric}"], linestyle="--", marker="o", color=colour, label=f"fold {int(fold) + 1} train")
+            axis.plot(rows["epoch"], rows[f"val_{metric}"], linestyle="-", marker="s", color=colour, label=f"fold {int(fold) + 1} validation")
     phase2 = epochs[epochs["phase"] == 2]["epoch"]
     for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
         if len(phase2) and phase2.min() > 1:

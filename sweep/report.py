@@ -83,7 +83,7 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
     )
     complete.insert(0, "rank", range(1, len(complete) + 1))
     others = table[table["state"] != TrialState.COMPLETE.name].sort_values("trial")
-    others.insert(0, "rank", pd.NA)
+    others.insert(0, "rank", [pd.NA] * len(others))
     return pd.concat([complete, others], ignore_index=True)
 
 
@@ -138,7 +138,7 @@ def _markdown(config: Config, table: pd.DataFrame, curves_path: Path | None) -> 
         "",
         f"Objective: mean validation {objective} over {config.cv.folds} folds "
         f"({'lower' if objective == 'loss' else 'higher'} is better; ties go to the lower standard deviation).",
-        "States: " + ", ".join(f"{state.lower()} {count}" for state, count in counts.items()) + ".",
+        "States: " + ", ".join(f"{str(state).lower()} {count}" for state, count in counts.items()) + ".",
         "",
         summary_table(table, objective).to_markdown(index=False, disable_numparse=True),
         "",

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+
 import numpy as np
 from sqlalchemy import DateTime, Float, Integer, String, Text, UniqueConstraint, create_engine, delete, select
 from sqlalchemy.engine import Engine

