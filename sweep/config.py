@@ -147,7 +147,7 @@ class SearchSection(_Section):
 
 
 class OriginSection(_Section):
-    """Where an exported configuration came from; ``sweep run`` ignores it."""
+    """Provenance of an exported configuration; ``sweep run`` ignores it."""
 
     study: str = Field(description="Name of the study the values were taken from.")
     trial: int = Field(description="Optuna trial number.")

@@ -179,3 +179,25 @@ def test_changed_data_rejected_without_changes(tiny_study: Path, tmp_path: Path,
     assert main(["run", str(tiny_study), "data.limit=42"]) == 2
     assert "was started on other data" in capsys.readouterr().err
     assert db.read_bytes() == before
+
+
+def test_multiclass_grouped_npy_run(tmp_path: Path, pneumonia_npz: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 12)
+    images = (rng.integers(0, 80, (36, 32, 32)) + labels[:, None, None] * 80).astype(np.uint8)
+    groups = np.repeat(np.arange(18), 2)  # two slices per patient, same label
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.eye(3)[labels])
+    np.save(tmp_path / "g.npy", groups)
+    data = {"source": "npy", "path": str(tmp_path / "x.npy"), "labels_path": str(tmp_path / "y.npy"), "groups_path": str(tmp_path / "g.npy"), "limit": None}
+    config = tiny_config(tmp_path / "study", pneumonia_npz, data=data, study={"n_trials": 1}, cv={"folds": 3})
+    result = run_sweep("run", str(write_yaml(tmp_path / "multi.yaml", config)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    db = tmp_path / "study" / "study.db"
+    with sqlite3.connect(db) as connection:
+        aucs = [row[0] for row in connection.execute("SELECT val_auc FROM sweep_fold_results")]
+        folds_per_group = connection.execute("SELECT group_id, COUNT(DISTINCT fold) FROM sweep_fold_assignments GROUP BY group_id").fetchall()
+    assert len(aucs) == 3
+    assert all(0.0 <= auc <= 1.0 for auc in aucs)
+    assert len(folds_per_group) == 18
+    assert all(count == 1 for _, count in folds_per_group)

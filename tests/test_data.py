@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +162,62 @@ def test_fingerprint_changes_with_labels() -> None:
     b = Dataset(images=images, labels=1 - labels, class_names=("a", "b"))
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == Dataset(images=images.copy(), labels=labels.copy(), class_names=("a", "b")).fingerprint()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/missing"):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror(pneumonia_npz: Path) -> Iterator[str]:
+    """Serve the bundled PneumoniaMNIST file over HTTP on 127.0.0.1, standing in for MedMNIST's record."""
+    _Handler.body = pneumonia_npz.read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_medmnist_download_checks_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirror: str) -> None:
+    # The bundled file's images are reordered, so its MD5 differs from the official file's.
+    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SWEEP_MEDMNIST_URL", mirror + "/{name}.npz")
+    with pytest.raises(SweepError, match=r"the download from http://127.0.0.1:\d+/pneumoniamnist.npz has MD5 \w+ instead of 28209eda62fecd6e6a2d98b1501bb15f"):
+        load_medmnist(DataSection(source="medmnist", name="pneumoniamnist"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_medmnist_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirror: str) -> None:
+    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SWEEP_MEDMNIST_URL", mirror + "/missing/{name}.npz")
+    with pytest.raises(
+        SweepError, match=r"^data file not found: '.*pneumoniamnist.npz', and the download from .* failed \(HTTP Error 404.*put the file there"
+    ) as info:
+        load_medmnist(DataSection(source="medmnist", name="pneumoniamnist"))
+    assert "\n" not in str(info.value)
+
+
+def test_medmnist_download_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirror: str, pneumonia_npz: Path) -> None:
+    from sweep import medmnist_info
+
+    digest = hashlib.md5(pneumonia_npz.read_bytes()).hexdigest()
+    monkeypatch.setitem(medmnist_info.DATASETS, "pneumoniamnist", medmnist_info.MedMnistSet(digest, ("normal", "pneumonia")))
+    monkeypatch.setenv("SWEEP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SWEEP_MEDMNIST_URL", mirror + "/{name}.npz")
+    dataset = load_medmnist(DataSection(source="medmnist", name="pneumoniamnist"))
+    assert len(dataset) == 5232
+    assert (tmp_path / "pneumoniamnist.npz").read_bytes() == pneumonia_npz.read_bytes()

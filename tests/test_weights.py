@@ -18,12 +18,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from sweep import weights
+from sweep import weights_wheel
 from sweep.errors import SweepError
 from sweep.weights import (
     KERAS_NOTOP_FILENAME,
     PROVISIONED_FILENAME,
-    WHEEL_FILENAME,
     keras_cache_path,
     load_base_weights,
     provision_from_wheel,
@@ -31,6 +30,7 @@ from sweep.weights import (
     provisioned_path,
     resolve_weights,
 )
+from sweep.weights_wheel import WHEEL_FILENAME
 
 BLOCK1_CONV1_KERNEL_0 = 0.42947057
 BLOCK1_CONV1_BIAS_0 = 0.73429835
@@ -212,7 +212,7 @@ def test_conv_weights_from_onnx_rejects_missing_tensor() -> None:
         SweepError,
         match=r"missing the initializer 'functional_1/block1_conv1_1/Squeeze:0'",
     ):
-        weights._conv_weights_from_onnx(onnx_bytes)
+        weights_wheel.conv_weights_from_onnx(onnx_bytes)
 
 
 def test_conv_weights_from_onnx_rejects_wrong_shape() -> None:
@@ -224,7 +224,7 @@ def test_conv_weights_from_onnx_rejects_wrong_shape() -> None:
     onnx_bytes = onnx.helper.make_model(graph).SerializeToString()
 
     with pytest.raises(SweepError, match=r"must have shape \(64, 3, 3, 3\), but has \(3, 3, 3, 64\)"):
-        weights._conv_weights_from_onnx(onnx_bytes)
+        weights_wheel.conv_weights_from_onnx(onnx_bytes)
 
 
 def test_resolve_weights_none_returns_none() -> None:
