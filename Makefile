@@ -6,7 +6,7 @@ CONFIG ?= conf/default.yaml
 PORT ?= 8080
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep test report export dashboard weights lint clean
+.PHONY: install sweep test report export dashboard weights lint bench clean
 
 install: $(STAMP)
 
@@ -40,3 +40,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP) weights
+	$(BIN)/python benchmarks/bench_sweep.py

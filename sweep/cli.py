@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, WorkerError
 
 logger = logging.getLogger("sweep")
 
@@ -51,12 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status: 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return _dispatch(args)
     except SweepError as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except WorkerError as err:
+        # A worker that stopped on bad input has printed its one line already.
+        if err.exit_code != EXIT_USAGE:
+            print(f"sweep: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("sweep: interrupted; completed trials are kept, `sweep run` continues the study", file=sys.stderr)
         return 130
@@ -120,7 +125,8 @@ def _report(config: object, top: int) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> None:
+    """Send log records of sweep (INFO, or DEBUG when verbose) and warnings of other libraries to stderr."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="keras")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -104,6 +104,21 @@ class TrainSection(_Section):
     batch_size: int = Field(32, ge=1, description="Images per gradient step.")
     warmup_learning_rate: float = Field(1e-3, gt=0, description="Learning rate of phase 1.")
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Keras optimizer of both phases (SGD with momentum 0.9).")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "auto", description="Keras dtype policy; auto picks mixed_bfloat16 where the processor has bfloat16 matrix units, else float32."
+    )
+    augment: bool = Field(False, description="Random flips, small rotations and zooms of training images; bypasses the feature cache.")
+
+
+class CacheSection(_Section):
+    enabled: bool = Field(True, description="Train on stored outputs of the frozen VGG16 layers instead of recomputing them every step.")
+    max_gb: float = Field(8.0, gt=0, description="Disk the feature cache of one study may use, in GiB; a larger need is rejected at start-up.")
+
+
+class RuntimeSection(_Section):
+    workers: Literal["process", "inline"] = Field("process", description="Run trials in recycled worker processes, or inline in the command's own process.")
+    max_trials_per_worker: int = Field(25, ge=1, description="A worker process exits after this many trials and a fresh one continues.")
+    memory_growth: float = Field(0.05, gt=0, description="A worker exits once its resident memory exceeds that after its first trial by this fraction.")
 
 
 class FloatRange(_Section):
@@ -164,6 +179,8 @@ class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
     search: SearchSection = Field(default_factory=SearchSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     origin: OriginSection | None = None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
@@ -10,6 +12,9 @@ import numpy as np
 from sweep.config import TrainSection
 
 BASE_NAME = "vgg16"
+# Layers of keras.applications.VGG16(include_top=False) below the input, bottom to top.
+CONV_LAYERS = tuple(f"block{block}_conv{conv}" for block, count in enumerate((2, 2, 3, 3, 3), start=1) for conv in range(1, count + 1))
+BASE_LAYERS = tuple(name for block in range(1, 6) for name in [*(c for c in CONV_LAYERS if c.startswith(f"block{block}_")), f"block{block}_pool"])
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ def build_model(
     base_weights: list[np.ndarray] | None,
     params: HyperParameters,
     pooling: str = "avg",
+    seed: int = 0,
+    augment: bool = False,
 ) -> keras.Model:
     """Build a fresh VGG16 (no top) with a dense head; the base is named ``vgg16``.
 
@@ -39,6 +46,9 @@ def build_model(
         base_weights: The base's 26 arrays (ImageNet), or None for random initialisation.
         params: The trial's hyperparameters; only the head's are used here.
         pooling: ``avg``, ``max`` or ``flatten`` between the base and the hidden layer.
+        seed: Seed of the head's initial weights and dropout masks; each layer has its own,
+            so a model cut at any layer starts from the same values.
+        augment: Add random flips, rotations and zooms in front of the base (training only).
 
     Returns:
         An uncompiled model.
@@ -47,19 +57,74 @@ def build_model(
     if base_weights is not None:
         base.set_weights(base_weights)
     inputs = keras.Input((input_size, input_size, 3), name="image")
+    images = inputs
+    if augment:
+        images = keras.layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(images)
+        images = keras.layers.RandomRotation(0.05, seed=seed + 1, name="augment_rotation")(images)
+        images = keras.layers.RandomZoom(0.1, seed=seed + 2, name="augment_zoom")(images)
     # training=False keeps the base in inference mode whatever its trainable flag.
-    features = base(inputs, training=False)
+    features = base(images, training=False)
     pool_layer = {
         "avg": keras.layers.GlobalAveragePooling2D,
         "max": keras.layers.GlobalMaxPooling2D,
         "flatten": keras.layers.Flatten,
     }[pooling]
     hidden = pool_layer(name="pool")(features)
-    hidden = keras.layers.Dense(params.head_units, activation="relu", name="head_dense")(hidden)
-    hidden = keras.layers.Dropout(params.dropout, name="head_dropout")(hidden)
+    hidden = keras.layers.Dense(params.head_units, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3), name="head_dense")(
+        hidden
+    )
+    hidden = keras.layers.Dropout(params.dropout, seed=seed + 4, name="head_dropout")(hidden)
     # The output layer stays float32 even under a mixed-precision policy.
-    outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="head_output")(hidden)
+    outputs = keras.layers.Dense(
+        n_classes, activation="softmax", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 5), name="head_output"
+    )(hidden)
     return keras.Model(inputs, outputs, name="vgg16_transfer")
+
+
+def cut_layer(phase: int, unfreeze_layers: int) -> str | None:
+    """Return the name of the last frozen base layer, whose output the trainable part takes as input.
+
+    Phase 1, and phase 2 with nothing unfrozen, cut at the base's output
+    (``block5_pool``); phase 2 cuts just below the lowest unfrozen convolution.
+    None means nothing is frozen (all 13 convolutions train).
+    """
+    if phase == 1 or unfreeze_layers == 0:
+        return BASE_LAYERS[-1]
+    first_trainable = BASE_LAYERS.index(CONV_LAYERS[-unfreeze_layers])
+    return BASE_LAYERS[first_trainable - 1] if first_trainable > 0 else None
+
+
+def suffix_model(model: keras.Model, cut: str) -> keras.Model:
+    """Return a model from the output of base layer ``cut`` to the class probabilities.
+
+    The suffix shares its layers, and so its weights, with ``model``: training it
+    trains the full model, minus the frozen prefix that a feature cache replaces.
+    """
+    base = model.get_layer(BASE_NAME)
+    features = keras.Input(tuple(base.get_layer(cut).output.shape[1:]), name=f"{cut}_features")
+    hidden = features
+    for layer in base.layers[base.layers.index(base.get_layer(cut)) + 1 :]:
+        hidden = layer(hidden)
+    for layer in model.layers[model.layers.index(base) + 1 :]:
+        hidden = layer(hidden)
+    return keras.Model(features, hidden, name=f"suffix_from_{cut}")
+
+
+def prefix_model(model: keras.Model, cut: str) -> keras.Model:
+    """Return the frozen part of the base: image to the output of layer ``cut``."""
+    base = model.get_layer(BASE_NAME)
+    return keras.Model(base.inputs, base.get_layer(cut).output, name=f"prefix_to_{cut}")
+
+
+@contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Build layers under a Keras dtype policy (``float32``, ``mixed_bfloat16``, ``mixed_float16``), then restore the previous one."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:

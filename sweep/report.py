@@ -22,6 +22,26 @@ PARAM_NAMES = ("learning_rate", "decay", "head_units", "dropout", "unfreeze_laye
 
 
 @dataclass(frozen=True)
+class PruningSavings:
+    """Training that pruned trials did not do."""
+
+    pruned: int  # number of pruned trials
+    folds_run: int  # folds the pruned trials trained before they stopped
+    folds_skipped: int  # folds they would have trained to completion
+    epochs_skipped: int  # folds_skipped x epochs per fold
+    seconds_saved: float  # folds_skipped x the mean duration of a trained fold (an estimate)
+
+
+def pruning_savings(table: pd.DataFrame, folds: pd.DataFrame, n_folds: int, epochs_per_fold: int) -> PruningSavings:
+    """Count the folds and epochs that pruning saved, and estimate the time from the mean fold duration."""
+    pruned = table[table["state"] == TrialState.PRUNED.name]
+    folds_run = int(pruned["folds"].sum())
+    skipped = len(pruned) * n_folds - folds_run
+    mean_fold_s = float(folds["duration_s"].mean()) if len(folds) else 0.0
+    return PruningSavings(len(pruned), folds_run, skipped, skipped * epochs_per_fold, skipped * mean_fold_s)
+
+
+@dataclass(frozen=True)
 class Report:
     """A ranked table of trials and the files written from it."""
 
@@ -70,6 +90,8 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
                 row[f"{split}_{metric}_mean"] = column.mean() if len(column) else math.nan
                 row[f"{split}_{metric}_std"] = column.std(ddof=0) if len(column) else math.nan
         row["folds"] = len(trial_folds)
+        row["precision"] = trial.user_attrs.get("precision", "")
+        row["feature_cache"] = trial.user_attrs.get("feature_cache", "")
         row["epochs_run"] = int(trial_folds["epochs_run"].sum()) if len(trial_folds) else 0
         row["duration_s"] = trial.duration.total_seconds() if trial.duration else math.nan
         rows.append(row)
@@ -108,7 +130,8 @@ def build_report(config: Config) -> Report:
         trial_number = int(best["trial"].iloc[0])
         curves_path = plot_learning_curves(epochs[epochs["trial_number"] == trial_number], trial_number, folder / "best_trial_curves.png")
     markdown_path = folder / "report.md"
-    markdown_path.write_text(_markdown(config, table, curves_path), encoding="utf-8")
+    savings = pruning_savings(table, folds, config.cv.folds, config.train.warmup_epochs + config.train.epochs)
+    markdown_path.write_text(_markdown(config, table, curves_path, savings), encoding="utf-8")
     return Report(table=table, markdown_path=markdown_path, csv_path=csv_path, curves_path=curves_path)
 
 
@@ -130,15 +153,20 @@ def summary_table(table: pd.DataFrame, objective: str, top: int | None = None) -
     return out
 
 
-def _markdown(config: Config, table: pd.DataFrame, curves_path: Path | None) -> str:
+def _markdown(config: Config, table: pd.DataFrame, curves_path: Path | None, savings: PruningSavings) -> str:
     objective = config.study.objective
     counts = table["state"].value_counts()
+    caches = sorted({str(v) for v in table["feature_cache"] if v})
+    precisions = sorted({str(v) for v in table["precision"] if v})
     lines = [
         f"# Study {config.study.name}",
         "",
         f"Objective: mean validation {objective} over {config.cv.folds} folds "
         f"({'lower' if objective == 'loss' else 'higher'} is better; ties go to the lower standard deviation).",
         "States: " + ", ".join(f"{str(state).lower()} {count}" for state, count in counts.items()) + ".",
+        f"Pruning ({config.study.pruner}): {savings.pruned} trials pruned after {savings.folds_run} folds, "
+        f"saving {savings.folds_skipped} folds ({savings.epochs_skipped} epochs, about {savings.seconds_saved / 60:.1f} min at the mean fold time).",
+        f"Feature cache: {', '.join(caches) or 'not recorded'}. Precision: {', '.join(precisions) or 'not recorded'}.",
         "",
         summary_table(table, objective).to_markdown(index=False, disable_numparse=True),
         "",

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from sweep.config import Config
 from sweep.metrics import classification_metrics
-from sweep.model import HyperParameters, build_model, freeze_for_phase, make_optimizer
+from sweep.model import HyperParameters, build_model, cut_layer, dtype_policy, freeze_for_phase, make_optimizer, suffix_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class FoldResult:
 
     epochs: list[EpochResult] = field(default_factory=list)
     duration_s: float = 0.0
+    diverged: bool = False
 
     @property
     def final(self) -> EpochResult:
@@ -66,103 +68,212 @@ class FoldResult:
         return index + 1
 
 
-class _EpochMetrics(keras.callbacks.Callback):
-    """Scores training and validation images in inference mode after every epoch."""
+@dataclass(frozen=True)
+class FoldData:
+    """Indices of one fold into the study's samples, and every sample's label."""
 
-    def __init__(self, run: _FoldRun, phase: int) -> None:
-        super().__init__()
-        self.run = run
-        self.phase = phase
-        self.started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        self.run.record_epoch(self.phase, time.perf_counter() - self.started)
+    train_index: np.ndarray
+    val_index: np.ndarray
+    labels: np.ndarray
 
 
-class _FoldRun:
+class InputSource:
+    """What a model reads for a given cut: stored features of a frozen prefix, or prepared images.
+
+    Args:
+        images: Returns the prepared images of all samples; called only when needed.
+        features: Returns the stored features of all samples for a cut layer, or None
+            when the cache is off; called only for cuts that have a frozen prefix.
+    """
+
+    def __init__(self, images: Callable[[], np.ndarray], features: Callable[[str], np.ndarray] | None = None) -> None:
+        self._images = images
+        self._features = features
+
+    @property
+    def cached(self) -> bool:
+        return self._features is not None
+
+    def inputs(self, cut: str | None) -> np.ndarray:
+        """Return the array a model cut at ``cut`` takes: features when cached, else images."""
+        if cut is None or self._features is None:
+            return self._images()
+        return self._features(cut)
+
+
+def predict_proba(model: keras.Model, inputs: np.ndarray, index: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Return class probabilities of ``inputs[index]``, batch by batch in inference mode."""
+    parts = []
+    for start in range(0, len(index), batch_size):
+        batch = np.asarray(inputs[index[start : start + batch_size]], dtype=np.float32)
+        parts.append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def batches(inputs: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Return a prefetching tf.data pipeline of ``(inputs[i], labels[i])`` batches in the given order.
+
+    Rows are gathered batch by batch, so a memory-mapped feature file is read
+    from disk as training goes instead of being copied into memory whole.
+    """
+    shape = inputs.shape[1:]
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(inputs[index], dtype=np.float32), labels[index].astype(np.int64)
+
+    def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = tf.numpy_function(gather, [index], (tf.float32, tf.int64))
+        x.set_shape((None, *shape))
+        y.set_shape((None,))
+        return x, y
+
+    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(batch_size).map(load)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class FoldTrainer:
+    """Trains one trial's configuration on fold after fold, reusing its models.
+
+    The model is built once per trial and its initial weights are restored
+    before every fold, so each fold starts from the same state. Models trained
+    on cached features are compiled once per phase and only have their optimizer
+    state cleared between folds: compiling traces new TensorFlow functions, which
+    costs more than the training itself on small inputs. The uncached path
+    compiles the whole network for every phase of every fold, as a hand-written
+    Keras loop does.
+
+    Args:
+        config: The study configuration (model and training sections).
+        params: The trial's hyperparameters.
+        source: Where inputs come from for each cut.
+        n_classes: Number of classes.
+        base_weights: VGG16 base weights, or None for random initialisation.
+        seed: Seed of the head initialisation and dropout.
+        precision: Keras dtype policy of the model.
+    """
+
     def __init__(
         self,
-        model: keras.Model,
-        data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-        on_epoch: Callable[[EpochResult], None] | None,
+        config: Config,
+        params: HyperParameters,
+        source: InputSource,
+        n_classes: int,
+        base_weights: list[np.ndarray] | None,
+        seed: int,
+        precision: str = "float32",
     ) -> None:
-        self.model = model
-        self.x_train, self.y_train, self.x_val, self.y_val = data
-        self.on_epoch = on_epoch
-        self.result = FoldResult()
+        self.config = config
+        self.params = params
+        self.source = source
+        self.precision = precision
+        keras.utils.set_random_seed(seed)
+        with dtype_policy(precision):
+            self.model = build_model(n_classes, config.model.input_size, base_weights, params, config.model.pooling, seed=seed, augment=config.train.augment)
+        self.initial_weights = self.model.get_weights()
+        self.compiled: dict[int, keras.Model] = {}
 
-    def record_epoch(self, phase: int, duration_s: float) -> None:
-        optimizer = self.model.optimizer
-        result = EpochResult(
-            epoch=len(self.result.epochs) + 1,
-            phase=phase,
-            learning_rate=float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-            duration_s=duration_s,
-            train=classification_metrics(self.y_train, predict_proba(self.model, self.x_train)),
-            val=classification_metrics(self.y_val, predict_proba(self.model, self.x_val)),
-        )
-        self.result.epochs.append(result)
-        if self.on_epoch is not None:
-            self.on_epoch(result)
+    def train(self, fold: FoldData, seed: int, on_epoch: Callable[[EpochResult], None] | None = None) -> FoldResult:
+        """Train on one fold in two phases and score every epoch.
 
+        Args:
+            fold: The fold's training and validation indices and all labels.
+            seed: Seed of this fold's batch order.
+            on_epoch: Called with each epoch's result as soon as it is scored.
 
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
-    """Return class probabilities, calling the model directly in inference mode batch by batch."""
-    parts = [keras.ops.convert_to_numpy(model(images[start : start + batch_size], training=False)) for start in range(0, len(images), batch_size)]
-    return np.concatenate(parts).astype(np.float32)
+        Returns:
+            The fold's epochs. Training stops early when the loss becomes NaN or infinite.
+        """
+        started = time.perf_counter()
+        self.model.set_weights(self.initial_weights)
+        order_rng = np.random.default_rng(seed)
+        result = FoldResult()
+        config, params = self.config, self.params
+        phases = ((1, config.train.warmup_epochs, config.train.warmup_learning_rate, 0.0), (2, config.train.epochs, params.learning_rate, params.decay))
+        # The policy stays set while training so that models cut from the full one
+        # compile as mixed precision too (mixed_float16 then gets loss scaling).
+        with dtype_policy(self.precision):
+            for phase, epochs, learning_rate, decay in phases:
+                if epochs == 0:
+                    continue
+                freeze_for_phase(self.model, phase, params.unfreeze_layers)
+                trained, inputs = self._phase_model(phase, learning_rate, decay)
+                if self._run_phase(trained, inputs, fold, phase, epochs, order_rng, result, on_epoch):
+                    break
+        result.duration_s = time.perf_counter() - started
+        return result
+
+    def _phase_model(self, phase: int, learning_rate: float, decay: float) -> tuple[keras.Model, np.ndarray]:
+        cut = None if self.config.train.augment else cut_layer(phase, self.params.unfreeze_layers)
+        inputs = self.source.inputs(cut)
+        if cut is None or not self.source.cached:
+            self.model.compile(optimizer=make_optimizer(self.config.train, learning_rate, decay), loss="sparse_categorical_crossentropy")
+            return self.model, inputs
+        trained = self.compiled.get(phase)
+        if trained is None:
+            trained = suffix_model(self.model, cut)
+            trained.compile(optimizer=make_optimizer(self.config.train, learning_rate, decay), loss="sparse_categorical_crossentropy")
+            self.compiled[phase] = trained
+        elif trained.optimizer.built:
+            _reset_optimizer(trained.optimizer)
+        return trained, inputs
+
+    def _run_phase(
+        self,
+        trained: keras.Model,
+        inputs: np.ndarray,
+        fold: FoldData,
+        phase: int,
+        epochs: int,
+        order_rng: np.random.Generator,
+        result: FoldResult,
+        on_epoch: Callable[[EpochResult], None] | None,
+    ) -> bool:
+        """Train one phase; return True when the loss diverged and the fold must stop."""
+        for _ in range(epochs):
+            epoch_started = time.perf_counter()
+            order = order_rng.permutation(fold.train_index)
+            history = trained.fit(batches(inputs, fold.labels, order, self.config.train.batch_size), epochs=1, shuffle=False, verbose=0)
+            loss = history.history["loss"][-1]
+            epoch = _score_epoch(trained, inputs, fold, phase, len(result.epochs) + 1, time.perf_counter() - epoch_started)
+            result.epochs.append(epoch)
+            if on_epoch is not None:
+                on_epoch(epoch)
+            if not math.isfinite(loss):
+                logger.warning("training loss became %s in phase %d; the fold stops here", loss, phase)
+                result.diverged = True
+                return True
+        return False
 
 
 def train_fold(
     config: Config,
     params: HyperParameters,
-    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    fold: FoldData,
+    source: InputSource,
     n_classes: int,
     base_weights: list[np.ndarray] | None,
     seed: int,
+    precision: str = "float32",
     on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> FoldResult:
-    """Train a fresh model on one fold in two phases and score every epoch.
+    """Train a fresh model on one fold; see :class:`FoldTrainer` for the arguments."""
+    return FoldTrainer(config, params, source, n_classes, base_weights, seed, precision).train(fold, seed, on_epoch)
 
-    Args:
-        config: The study configuration (model and training sections).
-        params: The trial's hyperparameters.
-        data: Prepared training images, training labels, validation images, validation labels.
-        n_classes: Number of classes.
-        base_weights: VGG16 base weights, or None for random initialisation.
-        seed: Seed of the weight initialisation, shuffling and dropout of this fold.
-        on_epoch: Called with each epoch's result as soon as it is scored.
 
-    Returns:
-        The fold's epochs. Training stops early when the loss becomes NaN or infinite.
-    """
-    started = time.perf_counter()
-    # Keras reads one global seed for initialisers, shuffling and dropout; it is
-    # set again at every fold so no random state carries over between folds or trials.
-    keras.utils.set_random_seed(seed)
-    model = build_model(n_classes, config.model.input_size, base_weights, params, config.model.pooling)
-    run = _FoldRun(model, data, on_epoch)
-    x_train, y_train = data[0], data[1]
-    phases = ((1, config.train.warmup_epochs, config.train.warmup_learning_rate, 0.0), (2, config.train.epochs, params.learning_rate, params.decay))
-    for phase, epochs, learning_rate, decay in phases:
-        if epochs == 0:
-            continue
-        freeze_for_phase(model, phase, params.unfreeze_layers)
-        model.compile(optimizer=make_optimizer(config.train, learning_rate, decay), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        history = model.fit(
-            x_train,
-            y_train,
-            batch_size=config.train.batch_size,
-            epochs=epochs,
-            shuffle=True,
-            verbose=0,
-            callbacks=[_EpochMetrics(run, phase), keras.callbacks.TerminateOnNaN()],
-        )
-        losses = history.history.get("loss", [])
-        if losses and not math.isfinite(losses[-1]):
-            logger.warning("training loss became %s in phase %d; the fold stops here", losses[-1], phase)
-            break
-    run.result.duration_s = time.perf_counter() - started
-    return run.result
+def _reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
+    """Zero the step counter and the moment estimates, as in a newly created optimizer."""
+    for variable in optimizer.variables:
+        name = variable.path.rsplit("/", 1)[-1]
+        if name == "iteration" or name.endswith(("_momentum", "_velocity")):
+            variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
+
+
+def _score_epoch(model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float) -> EpochResult:
+    return EpochResult(
+        epoch=number,
+        phase=phase,
+        learning_rate=float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
+        duration_s=duration_s,
+        train=classification_metrics(fold.labels[fold.train_index], predict_proba(model, inputs, fold.train_index)),
+        val=classification_metrics(fold.labels[fold.val_index], predict_proba(model, inputs, fold.val_index)),
+    )

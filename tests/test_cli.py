@@ -29,6 +29,18 @@ def test_run_leaves_trials_folds_and_epochs(tiny_study: Path) -> None:
     assert _count(db, "SELECT COUNT(*) FROM sweep_epochs WHERE val_auc IS NULL OR train_loss IS NULL") == 0
 
 
+def test_pruning_steps_are_fold_indices(tiny_study: Path) -> None:
+    db = tiny_study.parent / "study" / "study.db"
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT trial_id, step FROM trial_intermediate_values ORDER BY trial_id, step").fetchall()
+    steps: dict[int, list[int]] = {}
+    for trial_id, step in rows:
+        steps.setdefault(trial_id, []).append(step)
+    assert len(steps) == 2
+    for trial_steps in steps.values():
+        assert trial_steps == [0, 1]
+
+
 def test_run_again_continues_study(tiny_study: Path, tmp_path: Path) -> None:
     config = yaml.safe_load(tiny_study.read_text())
     db = tiny_study.parent / "study" / "study.db"

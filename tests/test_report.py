@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from sweep.report import rank_trials
+from sweep.report import pruning_savings, rank_trials
 
 
 def _study(tmp_path: Path, direction: str, states: list[TrialState]) -> optuna.Study:
@@ -60,3 +60,24 @@ def test_failed_trial_without_folds(tmp_path: Path) -> None:
     assert table["state"].tolist() == ["COMPLETE", "FAIL"]
     assert math.isnan(table["val_auc_mean"].iloc[1])
     assert table["folds"].tolist() == [2, 0]
+
+
+def test_pruning_savings_counts_skipped_folds(tmp_path: Path) -> None:
+    study = _study(tmp_path, "maximize", [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED])
+    folds = _folds({0: [0.9, 0.9, 0.9], 1: [0.5], 2: [0.6, 0.55]})
+    folds["duration_s"] = [10.0, 12.0, 14.0, 8.0, 9.0, 7.0]
+    table = rank_trials(study, folds, "auc")
+    savings = pruning_savings(table, folds, n_folds=3, epochs_per_fold=5)
+    assert savings.pruned == 2
+    assert savings.folds_run == 3
+    assert savings.folds_skipped == 3
+    assert savings.epochs_skipped == 15
+    assert savings.seconds_saved == pytest.approx(3 * 10.0)
+
+
+def test_pruning_savings_without_pruned_trials(tmp_path: Path) -> None:
+    study = _study(tmp_path, "maximize", [TrialState.COMPLETE])
+    folds = _folds({0: [0.9, 0.8]})
+    folds["duration_s"] = 5.0
+    savings = pruning_savings(rank_trials(study, folds, "auc"), folds, n_folds=2, epochs_per_fold=3)
+    assert (savings.pruned, savings.folds_skipped, savings.epochs_skipped, savings.seconds_saved) == (0, 0, 0, 0.0)

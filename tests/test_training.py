@@ -10,16 +10,16 @@ from conftest import make_images
 from sweep.config import config_from_dict
 from sweep.model import HyperParameters, conv_layers
 from sweep.preprocess import prepare_images
-from sweep.training import train_fold
+from sweep.training import FoldData, InputSource, train_fold
 
 PARAMS = HyperParameters(learning_rate=1e-3, decay=1e-3, head_units=8, dropout=0.0, unfreeze_layers=2)
 
 
 @pytest.fixture(scope="module")
-def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def data() -> tuple[FoldData, InputSource]:
     images, labels = make_images(32)
-    x = prepare_images(images, 32)
-    return x[:24], labels[:24], x[24:], labels[24:]
+    prepared = prepare_images(images, 32)
+    return FoldData(np.arange(24), np.arange(24, 32), labels), InputSource(lambda: prepared)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _snapshot(model_weights: list[np.ndarray]) -> list[np.ndarray]:
     return [w.copy() for w in model_weights]
 
 
-def test_phases_change_only_trainable_layers(data: tuple[np.ndarray, ...], base_weights: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_phases_change_only_trainable_layers(data: tuple[FoldData, InputSource], base_weights: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
     captured: dict[str, keras.Model] = {}
     import sweep.training as training
 
@@ -49,7 +49,7 @@ def test_phases_change_only_trainable_layers(data: tuple[np.ndarray, ...], base_
         snapshots.append(_snapshot([layer.get_weights()[0] for layer in conv_layers(captured["model"])]))
 
     config = config_from_dict({"train": {"warmup_epochs": 1, "epochs": 1, "batch_size": 8}, "model": {"weights": "none"}})
-    train_fold(config, PARAMS, data, 2, base_weights, seed=1, on_epoch=after_epoch)
+    train_fold(config, PARAMS, *data, 2, base_weights, seed=1, on_epoch=after_epoch)
 
     initial = [base_weights[2 * i] for i in range(13)]
     after_phase1, after_phase2 = snapshots
@@ -59,9 +59,9 @@ def test_phases_change_only_trainable_layers(data: tuple[np.ndarray, ...], base_
     assert not np.array_equal(initial[12], after_phase2[12])
 
 
-def test_epochs_recorded_with_both_splits(data: tuple[np.ndarray, ...]) -> None:
+def test_epochs_recorded_with_both_splits(data: tuple[FoldData, InputSource]) -> None:
     config = config_from_dict({"train": {"warmup_epochs": 2, "epochs": 1, "batch_size": 8}, "model": {"weights": "none"}})
-    result = train_fold(config, PARAMS, data, 2, None, seed=2)
+    result = train_fold(config, PARAMS, *data, 2, None, seed=2)
     assert [e.epoch for e in result.epochs] == [1, 2, 3]
     assert [e.phase for e in result.epochs] == [1, 1, 2]
     assert set(result.final.train) == set(result.final.val) == {"loss", "accuracy", "balanced_accuracy", "auc"}
@@ -71,8 +71,8 @@ def test_epochs_recorded_with_both_splits(data: tuple[np.ndarray, ...]) -> None:
     assert result.best_epoch("auc") == 1
 
 
-def test_same_seed_same_metrics(data: tuple[np.ndarray, ...]) -> None:
+def test_same_seed_same_metrics(data: tuple[FoldData, InputSource]) -> None:
     config = config_from_dict({"train": {"warmup_epochs": 1, "epochs": 1, "batch_size": 8}, "model": {"weights": "none"}})
-    first = train_fold(config, PARAMS, data, 2, None, seed=5)
-    second = train_fold(config, PARAMS, data, 2, None, seed=5)
+    first = train_fold(config, PARAMS, *data, 2, None, seed=5)
+    second = train_fold(config, PARAMS, *data, 2, None, seed=5)
     assert [e.val["loss"] for e in first.epochs] == pytest.approx([e.val["loss"] for e in second.epochs], rel=1e-5)

@@ -1,0 +1,242 @@
+"""Benchmark: the same study run the naive way and sweep's way, side by side.
+
+The naive way is what a hand-written Keras + Optuna loop does: float32, the
+whole network runs every step (no feature cache), no pruning, one process. The
+sweep way uses the defaults: the frozen-prefix feature cache, the precision
+``auto`` picks, the median pruner and recycled worker processes. Both run on
+real PneumoniaMNIST images with real ImageNet weights, the same seed, sampler,
+search space and folds. Each runs in its own child process so that its peak
+memory is measured alone.
+
+Usage:
+    python benchmarks/bench_sweep.py [--trials 8] [--folds 3] [--size 64] [--limit 450]
+    python benchmarks/bench_sweep.py --trials 20 --skip-naive   # memory per trial
+
+The last line is ``speedup: N.Nx``: trials per hour of sweep's way over the naive way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study_config(args: argparse.Namespace, folder: Path, mode: str) -> dict[str, Any]:
+    """Return the config of one mode; only how the work is done differs between the modes."""
+    data_dir = os.environ.get("SWEEP_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    config: dict[str, Any] = {
+        "study": {"name": f"bench-{mode}", "dir": str(folder / mode), "n_trials": args.trials, "seed": 0, "sampler": "tpe"},
+        "cv": {"folds": args.folds},
+        "data": {"source": "medmnist", "path": str(Path(data_dir) / "pneumoniamnist.npz"), "limit": args.limit},
+        "model": {"input_size": args.size, "weights": "imagenet"},
+        "train": {"warmup_epochs": args.warmup, "epochs": args.epochs, "batch_size": 32},
+        "search": {
+            "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
+            "decay": {"low": 1e-6, "high": 1e-2, "log": True},
+            "head_units": {"low": 32, "high": 256, "log": True},
+            "dropout": {"low": 0.0, "high": 0.6},
+            "unfreeze_layers": {"low": 0, "high": args.max_unfreeze},
+        },
+    }
+    if mode == "naive":
+        config["study"]["pruner"] = "none"
+        config["train"]["precision"] = "float32"
+        config["cache"] = {"enabled": False}
+        config["runtime"] = {"workers": "inline"}
+    else:
+        config["study"]["pruner"] = "median"
+        config["train"]["precision"] = args.precision
+    return config
+
+
+def run_mode(config_path: Path) -> dict[str, Any]:
+    """Run one study in this process (called in a child) and return its measurements."""
+    sys.path.insert(0, str(REPO))
+    from sweep.cli import configure_logging
+    from sweep.config import load_config
+    from sweep.study import run_study
+    from sweep.tf_quiet import import_tensorflow_quietly
+
+    configure_logging(verbose=False)
+    import_tensorflow_quietly()
+    config = load_config(config_path)
+    started = time.perf_counter()
+    study = run_study(config)
+    wall = time.perf_counter() - started
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "wall_s": wall,
+        "completed": len(complete),
+        "started": len(trials),
+        "pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "best_auc": study.best_value if complete else float("nan"),
+        "peak_rss_mb": max(own, children),
+        "rss_by_trial": [(t.number, t.user_attrs.get("rss_mb")) for t in complete],
+        "precision": complete[0].user_attrs.get("precision", "") if complete else "",
+    }
+
+
+def matmul_rates() -> dict[str, float]:
+    """Return the measured float32 and bfloat16 matrix-multiply rates of this machine in GFLOP/s."""
+    import tensorflow as tf
+
+    rates = {}
+    n = 2048
+    for dtype in ("float32", "bfloat16"):
+        a = tf.random.normal((n, n), dtype=tf.float32)
+        a = tf.cast(a, dtype)
+        b = tf.cast(tf.random.normal((n, n)), dtype)
+        matmul = tf.function(lambda x, y: tf.matmul(x, y))
+        matmul(a, b).numpy()
+        repeats = 10
+        started = time.perf_counter()
+        for _ in range(repeats):
+            out = matmul(a, b)
+        out.numpy()
+        rates[dtype] = 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+    return rates
+
+
+def cached_step_rate(size: int, precision: str, unfreeze: int) -> tuple[float, float, str]:
+    """Time training steps of the part above a cut on stored features; return (GFLOP/s, images/s, cut).
+
+    FLOPs count the convolutions and dense layers above the cut: 2 x multiply-adds
+    forward, and three times that for a training step (forward, input gradients and
+    weight gradients), which is the usual estimate.
+    """
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from sweep.features import feature_shape
+    from sweep.model import HyperParameters, build_model, cut_layer, dtype_policy, freeze_for_phase, suffix_model
+
+    params = HyperParameters(learning_rate=1e-4, decay=0.0, head_units=128, dropout=0.2, unfreeze_layers=unfreeze)
+    cut = cut_layer(2, unfreeze)
+    assert cut is not None
+    with dtype_policy(precision):
+        model = build_model(2, size, None, params)
+        freeze_for_phase(model, 2, unfreeze)
+        suffix = suffix_model(model, cut)
+        suffix.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    batch = 32
+    x = np.random.default_rng(0).random((batch * 10, *feature_shape(cut, size)), dtype=np.float32)
+    y = np.arange(len(x)) % 2
+    suffix.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    started = time.perf_counter()
+    epochs = 3
+    suffix.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
+    seconds = time.perf_counter() - started
+    flops_per_image = 0
+    for layer in suffix.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            c_in = layer.input.shape[-1]
+            flops_per_image += 2 * h * w * 9 * c_in * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            flops_per_image += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    images = len(x) * epochs
+    return 3 * flops_per_image * images / seconds / 1e9, images / seconds, cut
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=8, help="completed trials per study (default 8)")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="input size in pixels (default 64)")
+    parser.add_argument("--limit", type=int, default=450, help="images drawn from PneumoniaMNIST (default 450: 300 training images per fold)")
+    parser.add_argument("--warmup", type=int, default=2, help="phase 1 epochs (default 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="phase 2 epochs (default 3)")
+    parser.add_argument("--max-unfreeze", type=int, default=6, help="upper end of search.unfreeze_layers (default 6)")
+    parser.add_argument("--precision", default="auto", help="train.precision of sweep's way (default auto)")
+    parser.add_argument("--skip-naive", action="store_true", help="run only sweep's way (for the memory check)")
+    parser.add_argument("--run-mode", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_mode:
+        print(json.dumps(run_mode(args.run_mode)))
+        return 0
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+        folder = Path(tmp)
+        modes = ["sweep"] if args.skip_naive else ["naive", "sweep"]
+        for mode in modes:
+            path = folder / f"{mode}.yaml"
+            path.write_text(yaml.safe_dump(study_config(args, folder, mode), sort_keys=False))
+            print(f"running the {mode} study ...", file=sys.stderr, flush=True)
+            child = subprocess.run([sys.executable, __file__, "--run-mode", str(path)], capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                print(child.stderr[-4000:], file=sys.stderr)
+                return 1
+            results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+
+    _print_table(args, results)
+    _print_hardware(args, results["sweep"]["precision"])
+    _print_memory(results["sweep"])
+    if "naive" in results:
+        naive = results["naive"]["completed"] / results["naive"]["wall_s"]
+        ours = results["sweep"]["completed"] / results["sweep"]["wall_s"]
+        print(f"best CV AUC difference (sweep - naive): {results['sweep']['best_auc'] - results['naive']['best_auc']:+.4f}")
+        print(f"speedup: {ours / naive:.1f}x")
+    return 0
+
+
+def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    print(f"\nstudy: PneumoniaMNIST, {args.limit} images at {args.size} px, {args.trials} completed trials, {args.folds} folds, "
+          f"{args.warmup}+{args.epochs} epochs, ImageNet weights, TPE seed 0")  # fmt: skip
+    header = (
+        f"{'way':<8} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} "
+        f"{'best CV AUC':>12} {'peak RSS (MiB)':>15} {'precision':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for mode, r in results.items():
+        per_hour = r["completed"] / r["wall_s"] * 3600
+        print(
+            f"{mode:<8} {r['wall_s']:>9.0f} {r['completed']:>10d} {r['started']:>8d} {r['pruned']:>7d} {per_hour:>9.1f} "
+            f"{r['best_auc']:>12.4f} {r['peak_rss_mb']:>15.0f} {r['precision'] or 'float32':>15}"
+        )
+
+
+def _print_hardware(args: argparse.Namespace, precision: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from sweep.tf_quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    rates = matmul_rates()
+    policy = precision or "float32"
+    gflops, images_per_s, cut = cached_step_rate(args.size, policy, unfreeze=3)
+    peak = rates["bfloat16"] if "bfloat16" in policy else rates["float32"]
+    print(f"\nmatrix multiply (2048x2048): float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
+    print(
+        f"cached training step above {cut} ({policy}, batch 32): {gflops:.0f} GFLOP/s, {images_per_s:.0f} images/s, "
+        f"{100 * gflops / peak:.0f}% of the measured {policy.replace('mixed_', '')} matrix rate"
+    )
+
+
+def _print_memory(result: dict[str, Any]) -> None:
+    rss = [(n, v) for n, v in result["rss_by_trial"] if v is not None]
+    if len(rss) < 2:
+        return
+    print("\nworker resident memory after each completed trial (MiB): " + ", ".join(f"#{n}: {v:.0f}" for n, v in rss))
+    second, last = rss[1][1], rss[-1][1]
+    print(f"completed trial {len(rss)} vs completed trial 2: {last:.0f} vs {second:.0f} MiB ({100 * (last / second - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

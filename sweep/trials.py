@@ -1,0 +1,325 @@
+"""Running trials: the Optuna objective over k folds, in the process that trains.
+
+The study runner calls :func:`run_trials` in a worker process (or inline). It
+loads the data, the stored fold assignment and the base weights, sets up the
+feature cache, and runs Optuna trials until the study has enough completed
+ones, the worker has run its share, or its memory has grown too much.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from sweep.config import Config, FloatRange, IntRange, SearchSection
+from sweep.data import Dataset, load_dataset
+from sweep.features import CacheKey, FeatureCache, weights_fingerprint
+from sweep.folds import iter_folds
+from sweep.model import HyperParameters, build_model, dtype_policy, prefix_model
+from sweep.precision import resolve_precision
+from sweep.preprocess import PREPROCESSING, prepare_images
+from sweep.store import METRICS, Store
+from sweep.training import EpochResult, FoldData, FoldTrainer, InputSource
+from sweep.weights import load_base_weights, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+PARAM_NAMES = ("learning_rate", "decay", "head_units", "dropout", "unfreeze_layers")
+FEATURE_BATCH = 128
+
+
+def resident_memory_mb() -> float:
+    """Return this process's current resident memory in MiB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def suggest(trial: optuna.Trial, search: SearchSection) -> HyperParameters:
+    """Sample the five hyperparameters; a fixed value is suggested as a one-point range."""
+    values: dict[str, float | int] = {}
+    for name in PARAM_NAMES:
+        spec = getattr(search, name)
+        if isinstance(spec, IntRange):
+            values[name] = trial.suggest_int(name, spec.low, spec.high, log=spec.log)
+        elif isinstance(spec, FloatRange):
+            values[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+        elif name in ("head_units", "unfreeze_layers"):
+            values[name] = trial.suggest_int(name, int(spec), int(spec))
+        else:
+            values[name] = trial.suggest_float(name, float(spec), float(spec))
+    return HyperParameters(
+        learning_rate=float(values["learning_rate"]),
+        decay=float(values["decay"]),
+        head_units=int(values["head_units"]),
+        dropout=float(values["dropout"]),
+        unfreeze_layers=int(values["unfreeze_layers"]),
+    )
+
+
+def study_base_weights(config: Config) -> list[np.ndarray] | None:
+    """Return the base weights of every fold: ImageNet (or a file), or one random draw fixed by study.seed.
+
+    With ``model.weights: none`` the random base is drawn once per study, not per
+    fold, so that the frozen layers, and the cached features, are the same in
+    every trial.
+    """
+    path = resolve_weights(config.model.weights)
+    if path is not None:
+        return load_base_weights(path)
+    keras.utils.set_random_seed(config.study.seed)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    weights = [np.asarray(w) for w in base.get_weights()]
+    keras.backend.clear_session()
+    return weights
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one worker reads, set up once per worker."""
+
+    config: Config
+    dataset: Dataset
+    assignment: np.ndarray
+    base_weights: list[np.ndarray] | None
+    precision: str
+    source: InputSource
+    store: Store
+    cache_state: str
+
+
+def make_context(config: Config, store: Store) -> TrialContext:
+    """Load the data, folds and weights, and set up the input source of the configured cache."""
+    dataset = load_dataset(config)
+    stored = store.load_assignment(config.study.name)
+    if stored is None:
+        raise RuntimeError(f"study '{config.study.name}' has no stored fold assignment")
+    assignment = stored[1]
+    base_weights = study_base_weights(config)
+    precision = resolve_precision(config.train.precision)
+    prepared: dict[str, np.ndarray] = {}
+
+    def images() -> np.ndarray:
+        if "images" not in prepared:
+            logger.info("preparing %d images at %d px", len(dataset), config.model.input_size)
+            prepared["images"] = prepare_images(dataset.images, config.model.input_size)
+        return prepared["images"]
+
+    cache_state = _cache_state(config)
+    features = None
+    if cache_state == "on":
+        key = CacheKey(
+            data=dataset.fingerprint(),
+            weights=weights_fingerprint(base_weights),
+            input_size=config.model.input_size,
+            preprocessing=PREPROCESSING,
+            precision=precision,
+        )
+        cache = FeatureCache(config.study.folder / "features", key)
+
+        def features(cut: str) -> np.ndarray:
+            return cache.get(cut, len(dataset), lambda out: _fill_features(config, base_weights, precision, images(), cut, out))
+
+    return TrialContext(config, dataset, assignment, base_weights, precision, InputSource(images, features), store, cache_state)
+
+
+def _cache_state(config: Config) -> str:
+    if config.train.augment:
+        return "bypassed (train.augment is on)"
+    return "on" if config.cache.enabled else "off (cache.enabled is false)"
+
+
+def _fill_features(config: Config, base_weights: list[np.ndarray] | None, precision: str, images: np.ndarray, cut: str, out: np.ndarray) -> None:
+    params = HyperParameters(learning_rate=1e-3, decay=0.0, head_units=1, dropout=0.0, unfreeze_layers=0)
+    with dtype_policy(precision):
+        model = build_model(2, config.model.input_size, base_weights, params, config.model.pooling)
+        prefix = prefix_model(model, cut)
+        index = np.arange(len(images))
+        for start in range(0, len(images), FEATURE_BATCH):
+            part = index[start : start + FEATURE_BATCH]
+            out[part] = np.asarray(prefix.predict_on_batch(images[part]), dtype=np.float32)
+    del model, prefix
+    keras.backend.clear_session()
+
+
+class Objective:
+    """The Optuna objective: k-fold training, the running mean reported after each fold."""
+
+    def __init__(self, context: TrialContext, started: float) -> None:
+        self.context = context
+        self.started = started
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        context = self.context
+        config = context.config
+        params = suggest(trial, config.search)
+        label = f"trial {_completed(trial.study) + 1}/{config.study.n_trials} (#{trial.number})"
+        trial.set_user_attr("precision", context.precision)
+        trial.set_user_attr("feature_cache", context.cache_state)
+        logger.info("%s starts: %s", label, _format_params(params))
+        folds: list[dict[str, float]] = []
+        n_folds = int(context.assignment.max()) + 1
+        trainer = FoldTrainer(
+            config, params, context.source, context.dataset.n_classes, context.base_weights, config.study.seed * 1_000_003 + trial.number, context.precision
+        )
+        try:
+            for fold, train_index, val_index in iter_folds(context.assignment):
+                folds.append(self._run_fold(trial, trainer, fold, FoldData(train_index, val_index, context.dataset.labels), label))
+                self._report(trial, folds, fold, n_folds, label)
+        finally:
+            # The trainer's models are reused across folds, so the session is cleared once the trial ends.
+            del trainer
+            keras.backend.clear_session()
+        return self._finish(trial, folds, label)
+
+    def _report(self, trial: optuna.Trial, folds: list[dict[str, float]], fold: int, n_folds: int, label: str) -> None:
+        """Report the running mean to the pruner and raise TrialPruned when it says so."""
+        config = self.context.config
+        running = float(np.mean([s[config.study.objective] for s in folds]))
+        trial.set_user_attr("folds_run", len(folds))
+        # The step is the fold index, so it never repeats within a trial and a
+        # trial is compared with others after the same number of folds.
+        trial.report(running, step=fold)
+        if fold + 1 < n_folds and trial.should_prune():
+            trial.set_user_attr("rss_mb", resident_memory_mb())
+            logger.info("%s pruned after fold %d: running mean %s %.4f", label, fold + 1, config.study.objective, running)
+            raise optuna.TrialPruned()
+
+    def _run_fold(self, trial: optuna.Trial, trainer: FoldTrainer, fold: int, data: FoldData, label: str) -> dict[str, float]:
+        context = self.context
+        config = context.config
+        n_folds = int(context.assignment.max()) + 1
+        total_epochs = config.train.warmup_epochs + config.train.epochs
+
+        def on_epoch(result: EpochResult) -> None:
+            context.store.save_epoch(config.study.name, trial.number, fold, **result.row())
+            logger.info(
+                "%s fold %d/%d epoch %d/%d (phase %d): train loss %.4f, val loss %.4f, val acc %.3f, val AUC %.3f; elapsed %s",
+                label, fold + 1, n_folds, result.epoch, total_epochs, result.phase,
+                result.train["loss"], result.val["loss"], result.val["accuracy"], result.val["auc"], _elapsed(self.started),
+            )  # fmt: skip
+
+        result = trainer.train(data, seed=config.study.seed * 1_000_003 + trial.number * 101 + fold, on_epoch=on_epoch)
+        final = result.final
+        values: dict[str, float | int] = {
+            "n_train": len(data.train_index),
+            "n_val": len(data.val_index),
+            "epochs_run": len(result.epochs),
+            "best_epoch": result.best_epoch(config.study.objective),
+            "duration_s": result.duration_s,
+        }
+        values.update({f"train_{k}": v for k, v in final.train.items()})
+        values.update({f"val_{k}": v for k, v in final.val.items()})
+        context.store.save_fold(config.study.name, trial.number, fold, **values)
+        return final.val
+
+    def _finish(self, trial: optuna.Trial, folds: list[dict[str, float]], label: str) -> float:
+        objective = self.context.config.study.objective
+        for metric in METRICS:
+            values = np.array([f[metric] for f in folds], dtype=np.float64)
+            trial.set_user_attr(f"val_{metric}_mean", float(np.mean(values)))
+            trial.set_user_attr(f"val_{metric}_std", float(np.std(values)))
+        trial.set_user_attr("rss_mb", resident_memory_mb())
+        mean = float(np.mean([f[objective] for f in folds]))
+        std = float(np.std([f[objective] for f in folds]))
+        logger.info("%s done: %s %.4f ± %.4f over %d folds; elapsed %s", label, objective, mean, std, len(folds), _elapsed(self.started))
+        if not math.isfinite(mean):
+            logger.warning("%s has a non-finite %s (the model diverged); Optuna records it as failed", label, objective)
+        return mean
+
+
+class _Recycle:
+    """Stops this worker's optimize loop after its share of trials or once its memory has grown."""
+
+    def __init__(self, max_trials: int, growth: float) -> None:
+        self.max_trials = max_trials
+        self.growth = growth
+        self.baseline: float | None = None
+        self.count = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.count += 1
+        rss = resident_memory_mb()
+        if self.baseline is None:
+            self.baseline = rss
+        if self.count >= self.max_trials:
+            logger.debug("worker %d ran its %d trials; a fresh one continues", os.getpid(), self.count)
+            study.stop()
+        elif rss > self.baseline * (1 + self.growth):
+            logger.debug("worker %d grew from %.0f to %.0f MiB; a fresh one continues", os.getpid(), self.baseline, rss)
+            study.stop()
+
+
+def run_trials(config: Config, max_new: int, started: float, deadline: float | None) -> None:
+    """Run trials of the stored study in this process until one of the stop conditions holds.
+
+    Args:
+        config: The validated configuration.
+        max_new: Most trials this call may start.
+        started: ``time.time()`` at the start of the whole run, for elapsed times.
+        deadline: ``time.time()`` after which no trial starts, or None.
+    """
+    store = Store(config.study.storage_url)
+    try:
+        context = make_context(config, store)
+        storage = optuna.storages.RDBStorage(config.study.storage_url)
+        study_id = storage.get_study_id_from_name(config.study.name)
+        n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
+        study = optuna.load_study(study_name=config.study.name, storage=storage, sampler=_sampler(config, n_existing), pruner=_pruner(config))
+        recycle = _Recycle(config.runtime.max_trials_per_worker, config.runtime.memory_growth)
+        timeout = None if deadline is None else max(deadline - time.time(), 0.0)
+        study.optimize(
+            Objective(context, started),
+            n_trials=max_new,
+            timeout=timeout,
+            callbacks=[optuna.study.MaxTrialsCallback(config.study.n_trials, states=(TrialState.COMPLETE,)), recycle],
+        )
+    finally:
+        store.dispose()
+
+
+def _sampler(config: Config, n_existing: int) -> optuna.samplers.BaseSampler:
+    # Each worker seeds its sampler with the number of trials before it, so a
+    # fresh worker does not replay the random draws of the one it replaces.
+    seed = config.study.seed + 7919 * n_existing
+    if config.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(config: Config) -> optuna.pruners.BasePruner:
+    if config.study.pruner == "median":
+        # Steps are fold indices; a trial is compared with others after the same fold.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if config.study.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.cv.folds)
+    return optuna.pruners.NopPruner()
+
+
+def _completed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _format_params(params: HyperParameters) -> str:
+    return (
+        f"learning_rate={params.learning_rate:.3g}, decay={params.decay:.3g}, head_units={params.head_units}, "
+        f"dropout={params.dropout:.2f}, unfreeze_layers={params.unfreeze_layers}"
+    )
+
+
+def _elapsed(started: float) -> str:
+    seconds = int(time.time() - started)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
