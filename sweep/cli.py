@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. cv.folds=3")
 
+    doctor = commands.add_parser("doctor", help="check the data: label order, class balance, duplicates, groups, intensity")
+    doctor.add_argument("config")
+    doctor.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    doctor.add_argument("--json", action="store_true", help="print the machine-readable summary instead")
+
     report = commands.add_parser("report", help="rank the trials and write report.md, report.csv and plots")
     report.add_argument("config")
     report.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -84,6 +89,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.command == "run":
         return _run(config)
+    if args.command == "doctor":
+        return _doctor(config, args.json)
     if args.command == "report":
         return _report(config, args.top)
     if args.command == "export":
@@ -112,6 +119,24 @@ def _run(config: object) -> int:
     if completed:
         print(f"best trial #{study.best_trial.number}: {config.study.objective} {study.best_value:.4f}; see `sweep report`")
     return 0
+
+
+def _doctor(config: object, as_json: bool) -> int:
+    import json
+
+    from sweep.config import Config
+    from sweep.data import load_source
+    from sweep.doctor import examine, format_report
+
+    assert isinstance(config, Config)
+    dataset = load_source(config.data)
+    report = examine(dataset, config.data.on_conflict)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"data: {dataset.origin}, {len(dataset)} images, {dataset.n_classes} classes")
+        print(format_report(report))
+    return EXIT_USAGE if report.errors else 0
 
 
 def _report(config: object, top: int) -> int:

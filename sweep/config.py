@@ -36,6 +36,11 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
+# Metric names recorded per epoch, as Keras 3 logs them, and the Keras 2 names users carry over.
+MONITORED_METRICS = tuple(f"{split}{metric}" for split in ("val_", "") for metric in ("loss", "accuracy", "balanced_accuracy", "auc"))
+KERAS2_METRIC_NAMES = {"acc": "accuracy", "val_acc": "val_accuracy"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -50,6 +55,7 @@ class StudySection(_Section):
     seed: int = Field(0, ge=0, description="Seed of the sampler, the fold assignment, the subsample and the model initialisation.")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
     pruner: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner, fed the running mean after each fold.")
+    prune_collapsed: bool = Field(False, description="Prune a trial as soon as its first fold is flagged collapsed.")
     objective: Literal["auc", "balanced_accuracy", "accuracy", "loss"] = Field(
         "auc", description="Validation metric averaged over folds; loss is minimised, the rest maximised."
     )
@@ -78,10 +84,13 @@ class DataSection(_Section):
     path: str | None = Field(None, description="medmnist: the .npz file (overrides root/name); npy: the image array; folder: the class folders' parent.")
     labels_path: str | None = Field(None, description="npy: the label array (integers or one-hot).")
     groups_path: str | None = Field(None, description="npy: optional array of group (patient) ids, one per image.")
-    group_pattern: str | None = Field(None, description="folder: optional regular expression whose first group extracts the patient id from a file name.")
+    group_by: str | None = Field(None, description="folder: optional regular expression whose first group extracts the patient id from a file name.")
     class_names: list[str] | None = Field(None, description="Names of the classes in label order; default from the data set or the folder names.")
     limit: int | None = Field(None, ge=2, description="Stratified subsample size drawn with study.seed, or null for all images.")
     download: bool = Field(True, description="medmnist: download the file from MedMNIST's record when it is missing.")
+    on_conflict: Literal["error", "drop"] = Field(
+        "error", description="What to do with identical images that carry different labels: stop with an error, or drop every copy."
+    )
 
     @model_validator(mode="after")
     def _check_paths(self) -> Self:
@@ -108,6 +117,20 @@ class TrainSection(_Section):
         "auto", description="Keras dtype policy; auto picks mixed_bfloat16 where the processor has bfloat16 matrix units, else float32."
     )
     augment: bool = Field(False, description="Random flips, small rotations and zooms of training images; bypasses the feature cache.")
+    early_stopping: EarlyStoppingSection | None = Field(None, description="Stop phase 2 of a fold when the monitored metric stops improving.")
+
+
+class EarlyStoppingSection(_Section):
+    monitor: str = Field("val_loss", description="Metric watched in phase 2, named as Keras 3 logs it: val_loss, val_accuracy, val_auc, ...")
+    patience: int = Field(2, ge=1, description="Phase 2 epochs without improvement before the fold stops.")
+
+    @model_validator(mode="after")
+    def _check_monitor(self) -> Self:
+        if self.monitor not in MONITORED_METRICS:
+            renamed = KERAS2_METRIC_NAMES.get(self.monitor)
+            hint = f"; Keras 3 logs it as '{renamed}'" if renamed else f"; valid names: {', '.join(MONITORED_METRICS)}"
+            raise ValueError(f"train.early_stopping.monitor must be a metric Keras logs, but got '{self.monitor}'{hint}")
+        return self
 
 
 class CacheSection(_Section):

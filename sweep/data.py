@@ -48,6 +48,8 @@ class Dataset:
     groups: np.ndarray | None = None
     origin: str = ""
     names: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # PIL mode of each file, for folder data
+    clusters: np.ndarray | None = None  # index of the first identical image, per image
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -81,6 +83,8 @@ class Dataset:
             groups=None if self.groups is None else self.groups[indices],
             origin=self.origin,
             names=[self.names[i] for i in indices] if self.names else [],
+            modes=[self.modes[i] for i in indices] if self.modes else [],
+            clusters=None if self.clusters is None else self.clusters[indices],
         )
 
 
@@ -90,14 +94,23 @@ def load_dataset(config: Config) -> Dataset:
     Raises:
         SweepError: The data is missing, unreadable or unusable; the message names the field.
     """
-    section = config.data
-    if section.source == "medmnist":
-        dataset = load_medmnist(section)
-    elif section.source == "npy":
-        dataset = load_npy(section)
-    else:
-        dataset = load_folder(section)
+    dataset = load_source(config.data)
     check_dataset(dataset)
+    return limit_dataset(dataset, config)
+
+
+def load_source(section: DataSection) -> Dataset:
+    """Load the images and labels of ``data.source`` without any check."""
+    if section.source == "medmnist":
+        return load_medmnist(section)
+    if section.source == "npy":
+        return load_npy(section)
+    return load_folder(section)
+
+
+def limit_dataset(dataset: Dataset, config: Config) -> Dataset:
+    """Apply ``data.limit``: a stratified subsample drawn with study.seed."""
+    section = config.data
     if section.limit is not None and section.limit < len(dataset):
         dataset = stratified_subsample(dataset, section.limit, config.study.seed)
         check_dataset(dataset)
@@ -191,17 +204,19 @@ def load_folder(section: DataSection) -> Dataset:
     images: list[np.ndarray] = []
     labels: list[int] = []
     names: list[str] = []
+    modes: list[str] = []
     for index, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
         if not files:
             raise SweepError(f"data.path class folder '{class_dir}' contains no .png, .jpg or .jpeg images")
         for file in files:
             images.append(read_image(file))
+            modes.append(_image_mode(file))
             labels.append(index)
             names.append(str(file.relative_to(root)))
     if not class_dirs:
         raise SweepError(f"data.path '{root}' must contain one sub-folder per class, but has none")
-    groups = _groups_from_names(names, section.group_pattern) if section.group_pattern else None
+    groups = _groups_from_names(names, section.group_by) if section.group_by else None
     return Dataset(
         images=_stack_if_uniform(images),
         labels=np.asarray(labels, dtype=np.int64),
@@ -209,6 +224,7 @@ def load_folder(section: DataSection) -> Dataset:
         groups=groups,
         origin=str(root),
         names=names,
+        modes=modes,
     )
 
 
@@ -228,6 +244,11 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SweepError(f"data.path contains an unreadable image '{path}': {err}") from err
+
+
+def _image_mode(path: Path) -> str:
+    with Image.open(path) as image:
+        return str(image.mode)
 
 
 def to_class_indices(raw: np.ndarray, field_name: str, n_images: int) -> np.ndarray:
@@ -300,12 +321,12 @@ def _groups_from_names(names: list[str], pattern: str) -> np.ndarray:
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise SweepError(f"data.group_pattern must be a valid regular expression, but got {pattern!r}: {err}") from err
+        raise SweepError(f"data.group_by must be a valid regular expression, but got {pattern!r}: {err}") from err
     groups = []
     for name in names:
         match = regex.search(Path(name).name)
         if match is None:
-            raise SweepError(f"data.group_pattern {pattern!r} does not match the file name '{name}'")
+            raise SweepError(f"data.group_by {pattern!r} does not match the file name '{name}'")
         groups.append(match.group(1) if regex.groups else match.group(0))
     return np.asarray(groups)
 

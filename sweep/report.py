@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from sqlalchemy import create_engine, text
 
 from sweep.config import Config
 from sweep.errors import SweepError
+from sweep.health import is_disqualified
 from sweep.store import METRICS
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ def read_table(url: str, table: str, study_name: str) -> pd.DataFrame:
 def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.DataFrame:
     """Rank trials by the objective's mean over folds; ties go to the lower standard deviation.
 
-    Completed trials come first, ranked; pruned, failed and running trials follow
+    Completed trials come first, ranked, with collapsed or diverged ones below
+    every healthy one; pruned, failed and running trials follow
     without a rank. Every metric appears as mean and standard deviation over the
     trial's folds.
     """
@@ -90,6 +93,8 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
                 row[f"{split}_{metric}_mean"] = column.mean() if len(column) else math.nan
                 row[f"{split}_{metric}_std"] = column.std(ddof=0) if len(column) else math.nan
         row["folds"] = len(trial_folds)
+        row["health"] = trial.user_attrs.get("health", "")
+        row["fail_reason"] = trial.user_attrs.get("fail_reason", "")
         row["precision"] = trial.user_attrs.get("precision", "")
         row["feature_cache"] = trial.user_attrs.get("feature_cache", "")
         row["epochs_run"] = int(trial_folds["epochs_run"].sum()) if len(trial_folds) else 0
@@ -100,8 +105,10 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
         return table
     ascending = objective == "loss"
     key = f"val_{objective}_mean"
+    table["disqualified"] = [is_disqualified(str(h)) for h in table["health"]]
+    # Collapsed and diverged trials rank below every healthy one, whatever their score.
     complete = table[table["state"] == TrialState.COMPLETE.name].sort_values(
-        [key, f"val_{objective}_std", "trial"], ascending=[ascending, True, True], na_position="last"
+        ["disqualified", key, f"val_{objective}_std", "trial"], ascending=[True, ascending, True, True], na_position="last"
     )
     complete.insert(0, "rank", range(1, len(complete) + 1))
     others = table[table["state"] != TrialState.COMPLETE.name].sort_values("trial")
@@ -131,7 +138,8 @@ def build_report(config: Config) -> Report:
         curves_path = plot_learning_curves(epochs[epochs["trial_number"] == trial_number], trial_number, folder / "best_trial_curves.png")
     markdown_path = folder / "report.md"
     savings = pruning_savings(table, folds, config.cv.folds, config.train.warmup_epochs + config.train.epochs)
-    markdown_path.write_text(_markdown(config, table, curves_path, savings), encoding="utf-8")
+    extra = _data_check_lines(url, config.study.name) + _confusion_lines(folds, table, url, config.study.name)
+    markdown_path.write_text(_markdown(config, table, curves_path, savings) + "\n".join(extra), encoding="utf-8")
     return Report(table=table, markdown_path=markdown_path, csv_path=csv_path, curves_path=curves_path)
 
 
@@ -146,6 +154,7 @@ def summary_table(table: pd.DataFrame, objective: str, top: int | None = None) -
     for metric in ordered:
         out[f"val {metric}"] = [_pm(m, s) for m, s in zip(shown[f"val_{metric}_mean"], shown[f"val_{metric}_std"], strict=True)]
     out["train auc"] = [_pm(m, s) for m, s in zip(shown["train_auc_mean"], shown["train_auc_std"], strict=True)]
+    out["health"] = [str(h) if h else "" for h in shown["health"]]
     out["folds"] = shown["folds"]
     out["epochs"] = shown["epochs_run"]
     out["duration (s)"] = [f"{v:.0f}" if not _isnan(v) else "" for v in shown["duration_s"]]
@@ -174,6 +183,34 @@ def _markdown(config: Config, table: pd.DataFrame, curves_path: Path | None, sav
     if curves_path is not None:
         lines += [f"Learning curves of the best trial: ![curves]({curves_path.name})", ""]
     return "\n".join(lines)
+
+
+def _data_check_lines(url: str, study_name: str) -> list[str]:
+    studies = read_table(url, "sweep_studies", study_name)
+    if studies.empty or not studies["doctor_json"].iloc[0]:
+        return []
+    findings = json.loads(studies["doctor_json"].iloc[0])["findings"]
+    lines = ["## Data check", ""]
+    lines += [f"- {f['level']}: {f['check'].replace('_', ' ')}: {f['message']}" for f in findings]
+    return [*lines, ""]
+
+
+def _confusion_lines(folds: pd.DataFrame, table: pd.DataFrame, url: str, study_name: str) -> list[str]:
+    best = table[table["rank"] == 1]
+    if best.empty or "confusion" not in folds:
+        return []
+    trial_number = int(best["trial"].iloc[0])
+    studies = read_table(url, "sweep_studies", study_name)
+    names = str(studies["class_names"].iloc[0]).split("\n") if not studies.empty else []
+    lines = [f"## Confusion matrices of trial {trial_number} (rows: true class, columns: predicted)", ""]
+    for _, row in folds[folds["trial_number"] == trial_number].sort_values("fold").iterrows():
+        if not row["confusion"]:
+            continue
+        matrix = json.loads(row["confusion"])
+        labels = names if len(names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        frame = pd.DataFrame(matrix, index=labels, columns=labels)
+        lines += [f"Fold {int(row['fold']) + 1}:", "", frame.to_markdown(), ""]
+    return lines
 
 
 def _pm(mean: float, std: float) -> str:

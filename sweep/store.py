@@ -37,6 +37,7 @@ class StudyDataModel(Base):
     seed: Mapped[int] = mapped_column(Integer)
     class_names: Mapped[str] = mapped_column(Text)
     config_yaml: Mapped[str] = mapped_column(Text)
+    doctor_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
@@ -80,6 +81,8 @@ class FoldResultModel(_MetricColumns, Base):
     epochs_run: Mapped[int] = mapped_column(Integer)
     best_epoch: Mapped[int] = mapped_column(Integer)
     duration_s: Mapped[float] = mapped_column(Float)
+    flags: Mapped[str] = mapped_column(Text, default="")  # health flags, comma-separated
+    confusion: Mapped[str | None] = mapped_column(Text, nullable=True)  # validation confusion matrix as JSON rows
 
 
 class EpochModel(_MetricColumns, Base):
@@ -133,6 +136,7 @@ class Store:
         seed: int,
         class_names: tuple[str, ...],
         config_yaml: str,
+        doctor_json: str | None = None,
     ) -> None:
         """Store the data fingerprint and the fold of every sample, once per study."""
         with self.session() as session:
@@ -145,6 +149,7 @@ class Store:
                     seed=seed,
                     class_names="\n".join(class_names),
                     config_yaml=config_yaml,
+                    doctor_json=doctor_json,
                     created_at=datetime.now(UTC),
                 )
             )
@@ -186,7 +191,7 @@ class Store:
             )
             session.add(EpochModel(study_name=study_name, trial_number=trial_number, fold=fold, **values))
 
-    def save_fold(self, study_name: str, trial_number: int, fold: int, **values: float | int) -> None:
+    def save_fold(self, study_name: str, trial_number: int, fold: int, **values: float | int | str | None) -> None:
         """Store one fold's final metrics."""
         with self.session() as session:
             session.add(FoldResultModel(study_name=study_name, trial_number=trial_number, fold=fold, **values))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import sys
@@ -14,7 +15,8 @@ import yaml
 from optuna.trial import TrialState
 
 from sweep.config import Config, config_from_dict, config_to_dict
-from sweep.data import Dataset, load_dataset
+from sweep.data import Dataset
+from sweep.doctor import prepare_dataset
 from sweep.errors import SweepError, WorkerError
 from sweep.features import check_budget
 from sweep.folds import assign_folds, check_folds
@@ -38,16 +40,20 @@ def run_study(config: Config) -> optuna.Study:
         SweepError: Invalid data, weights or a study that conflicts with the config.
         WorkerError: A worker process failed.
     """
-    dataset = load_dataset(config)
+    dataset, doctor = prepare_dataset(config)
     check_folds(dataset.labels, config.cv.folds, dataset.groups)
     resolve_weights(config.model.weights)
     check_budget(config, len(dataset))
     _check_existing(config, dataset)
 
     logger.info("loaded %d images of %d classes from %s", len(dataset), dataset.n_classes, dataset.origin)
+    for finding in doctor.warnings:
+        logger.warning("data check: %s: %s", finding.check.replace("_", " "), finding.message)
     config.study.folder.mkdir(parents=True, exist_ok=True)
+    doctor_json = json.dumps(doctor.to_dict(), indent=1)
+    (config.study.folder / "doctor.json").write_text(doctor_json, encoding="utf-8")
     store = Store(config.study.storage_url)
-    _fold_assignment(config, dataset, store)
+    _fold_assignment(config, dataset, store, doctor_json)
     store.dispose()
     study = _create_study(config)
     _fail_stale_trials(study)
@@ -128,11 +134,11 @@ def _check_existing(config: Config, dataset: Dataset) -> None:
         )
 
 
-def _fold_assignment(config: Config, dataset: Dataset, store: Store) -> np.ndarray:
+def _fold_assignment(config: Config, dataset: Dataset, store: Store, doctor_json: str) -> np.ndarray:
     stored = store.load_assignment(config.study.name)
     if stored is not None:
         return stored[1]
-    assignment = assign_folds(dataset.labels, config.cv.folds, config.study.seed, dataset.groups)
+    assignment = assign_folds(dataset.labels, config.cv.folds, config.study.seed, dataset.groups, dataset.clusters)
     store.save_assignment(
         config.study.name,
         assignment,
@@ -142,6 +148,7 @@ def _fold_assignment(config: Config, dataset: Dataset, store: Store) -> np.ndarr
         seed=config.study.seed,
         class_names=dataset.class_names,
         config_yaml=yaml.safe_dump(config_to_dict(config), sort_keys=False),
+        doctor_json=doctor_json,
     )
     return assignment
 

@@ -52,6 +52,8 @@ class FoldResult:
     epochs: list[EpochResult] = field(default_factory=list)
     duration_s: float = 0.0
     diverged: bool = False
+    val_probabilities: np.ndarray | None = None  # predictions on the validation images after the last epoch
+    stopped_early: bool = False
 
     @property
     def final(self) -> EpochResult:
@@ -229,19 +231,30 @@ class FoldTrainer:
         on_epoch: Callable[[EpochResult], None] | None,
     ) -> bool:
         """Train one phase; return True when the loss diverged and the fold must stop."""
+        stopping = self.config.train.early_stopping if phase == 2 else None
+        best, waited = math.inf, 0
         for _ in range(epochs):
             epoch_started = time.perf_counter()
             order = order_rng.permutation(fold.train_index)
             history = trained.fit(batches(inputs, fold.labels, order, self.config.train.batch_size), epochs=1, shuffle=False, verbose=0)
             loss = history.history["loss"][-1]
-            epoch = _score_epoch(trained, inputs, fold, phase, len(result.epochs) + 1, time.perf_counter() - epoch_started)
+            epoch, result.val_probabilities = _score_epoch(trained, inputs, fold, phase, len(result.epochs) + 1, time.perf_counter() - epoch_started)
             result.epochs.append(epoch)
             if on_epoch is not None:
                 on_epoch(epoch)
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) or not np.isfinite(result.val_probabilities).all():
                 logger.warning("training loss became %s in phase %d; the fold stops here", loss, phase)
                 result.diverged = True
                 return True
+            if stopping is not None:
+                value = _monitored(epoch, stopping.monitor)
+                if value < best:
+                    best, waited = value, 0
+                else:
+                    waited += 1
+                if waited >= stopping.patience:
+                    result.stopped_early = True
+                    break
         return False
 
 
@@ -268,12 +281,25 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
             variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
 
 
-def _score_epoch(model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float) -> EpochResult:
-    return EpochResult(
+def _score_epoch(
+    model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float
+) -> tuple[EpochResult, np.ndarray]:
+    val_probabilities = predict_proba(model, inputs, fold.val_index)
+    epoch = EpochResult(
         epoch=number,
         phase=phase,
         learning_rate=float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
         duration_s=duration_s,
         train=classification_metrics(fold.labels[fold.train_index], predict_proba(model, inputs, fold.train_index)),
-        val=classification_metrics(fold.labels[fold.val_index], predict_proba(model, inputs, fold.val_index)),
+        val=classification_metrics(fold.labels[fold.val_index], val_probabilities),
     )
+    return epoch, val_probabilities
+
+
+def _monitored(epoch: EpochResult, monitor: str) -> float:
+    """Return the monitored metric as a value to minimise (accuracy-like metrics are negated)."""
+    split, _, metric = monitor.partition("_") if monitor.startswith("val_") else ("train", "", monitor)
+    value = (epoch.val if split == "val" else epoch.train)[metric]
+    if not math.isfinite(value):
+        return math.inf
+    return value if metric == "loss" else -value

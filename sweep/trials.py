@@ -8,10 +8,12 @@ ones, the worker has run its share, or its memory has grown too much.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +21,14 @@ import keras
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from sklearn.metrics import confusion_matrix
 
 from sweep.config import Config, FloatRange, IntRange, SearchSection
-from sweep.data import Dataset, load_dataset
+from sweep.data import Dataset
+from sweep.doctor import prepare_dataset
 from sweep.features import CacheKey, FeatureCache, weights_fingerprint
 from sweep.folds import iter_folds
+from sweep.health import fold_flags, trial_health
 from sweep.model import HyperParameters, build_model, dtype_policy, prefix_model
 from sweep.precision import resolve_precision
 from sweep.preprocess import PREPROCESSING, prepare_images
@@ -103,7 +108,7 @@ class TrialContext:
 
 def make_context(config: Config, store: Store) -> TrialContext:
     """Load the data, folds and weights, and set up the input source of the configured cache."""
-    dataset = load_dataset(config)
+    dataset = prepare_dataset(config)[0]
     stored = store.load_assignment(config.study.name)
     if stored is None:
         raise RuntimeError(f"study '{config.study.name}' has no stored fold assignment")
@@ -155,6 +160,10 @@ def _fill_features(config: Config, base_weights: list[np.ndarray] | None, precis
     keras.backend.clear_session()
 
 
+class TrialDiverged(Exception):
+    """A fold's loss became NaN or infinite; Optuna records the trial as failed and the study goes on."""
+
+
 class Objective:
     """The Optuna objective: k-fold training, the running mean reported after each fold."""
 
@@ -172,6 +181,7 @@ class Objective:
         logger.info("%s starts: %s", label, _format_params(params))
         folds: list[dict[str, float]] = []
         n_folds = int(context.assignment.max()) + 1
+        self.fold_flags: list[list[str]] = []
         trainer = FoldTrainer(
             config, params, context.source, context.dataset.n_classes, context.base_weights, config.study.seed * 1_000_003 + trial.number, context.precision
         )
@@ -214,6 +224,9 @@ class Objective:
 
         result = trainer.train(data, seed=config.study.seed * 1_000_003 + trial.number * 101 + fold, on_epoch=on_epoch)
         final = result.final
+        val_labels = data.labels[data.val_index]
+        flags = fold_flags(result, val_labels)
+        self.fold_flags.append(flags)
         values: dict[str, float | int] = {
             "n_train": len(data.train_index),
             "n_val": len(data.val_index),
@@ -223,7 +236,22 @@ class Objective:
         }
         values.update({f"train_{k}": v for k, v in final.train.items()})
         values.update({f"val_{k}": v for k, v in final.val.items()})
-        context.store.save_fold(config.study.name, trial.number, fold, **values)
+        probabilities = result.val_probabilities
+        confusion = None
+        if probabilities is not None and np.isfinite(probabilities).all():
+            matrix = confusion_matrix(val_labels, probabilities.argmax(axis=1), labels=list(range(context.dataset.n_classes)))
+            confusion = json.dumps(matrix.tolist())
+        context.store.save_fold(config.study.name, trial.number, fold, flags=",".join(flags), confusion=confusion, **values)
+        trial.set_user_attr("health", trial_health(self.fold_flags))
+        if flags:
+            logger.warning("%s fold %d/%d flagged %s", label, fold + 1, n_folds, ", ".join(flags))
+        if result.diverged:
+            reason = f"diverged: the training loss became non-finite in fold {fold + 1}, epoch {final.epoch}"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialDiverged(reason)
+        if fold == 0 and "collapsed" in flags and config.study.prune_collapsed:
+            logger.info("%s pruned: its first fold collapsed to one class (study.prune_collapsed)", label)
+            raise optuna.TrialPruned()
         return final.val
 
     def _finish(self, trial: optuna.Trial, folds: list[dict[str, float]], label: str) -> float:
@@ -279,14 +307,14 @@ def run_trials(config: Config, max_new: int, started: float, deadline: float | N
         study_id = storage.get_study_id_from_name(config.study.name)
         n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
         study = optuna.load_study(study_name=config.study.name, storage=storage, sampler=_sampler(config, n_existing), pruner=_pruner(config))
-        recycle = _Recycle(config.runtime.max_trials_per_worker, config.runtime.memory_growth)
+        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+            optuna.study.MaxTrialsCallback(config.study.n_trials, states=(TrialState.COMPLETE,))
+        ]
+        if config.runtime.workers == "process":
+            # Only a worker process can be replaced; inline trials run to the end.
+            callbacks.append(_Recycle(config.runtime.max_trials_per_worker, config.runtime.memory_growth))
         timeout = None if deadline is None else max(deadline - time.time(), 0.0)
-        study.optimize(
-            Objective(context, started),
-            n_trials=max_new,
-            timeout=timeout,
-            callbacks=[optuna.study.MaxTrialsCallback(config.study.n_trials, states=(TrialState.COMPLETE,)), recycle],
-        )
+        study.optimize(Objective(context, started), n_trials=max_new, timeout=timeout, callbacks=callbacks, catch=(TrialDiverged,))
     finally:
         store.dispose()
 

@@ -113,7 +113,7 @@ def test_folder_reads_any_mode_and_size(tmp_path: Path) -> None:
     _save(tmp_path / "normal" / "p02_b.jpg", Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
     _save(tmp_path / "tumour" / "p03_c.png", Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="RGBA"))
     _save(tmp_path / "tumour" / "p03_d.png", Image.fromarray(rng.integers(0, 255, (33, 33, 3), dtype=np.uint8)).convert("P"))
-    section = DataSection(source="folder", path=str(tmp_path), group_pattern=r"^(p\d+)_")
+    section = DataSection(source="folder", path=str(tmp_path), group_by=r"^(p\d+)_")
     dataset = load_folder(section)
     assert dataset.class_names == ("normal", "tumour")
     assert dataset.labels.tolist() == [0, 0, 1, 1]

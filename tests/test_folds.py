@@ -62,3 +62,23 @@ def test_more_folds_than_groups() -> None:
     groups = np.array([0, 0, 1, 1, 2, 2] * 2)
     with pytest.raises(SweepError, match=r"cv.folds must be <= the number of groups \(3\), but got 4"):
         check_folds(labels, 4, groups)
+
+
+def test_identical_images_share_a_fold() -> None:
+    labels = _labels([30, 30])
+    clusters = np.arange(60)
+    clusters[[5, 17, 42]] = 3  # images 3, 5, 17 and 42 are identical
+    clusters[[50]] = 8
+    assignment = assign_folds(labels, 3, seed=0, clusters=clusters)
+    assert len({assignment[i] for i in (3, 5, 17, 42)}) == 1
+    assert assignment[50] == assignment[8]
+    assert np.array_equal(assign_folds(labels, 3, seed=0, clusters=np.arange(60)), assign_folds(labels, 3, seed=0))
+
+
+def test_identical_images_join_their_groups() -> None:
+    labels = np.array([0, 1] * 10)
+    groups = np.arange(20) // 2
+    clusters = np.arange(20)
+    clusters[19] = 0  # an image of group 9 is a copy of one in group 0
+    assignment = assign_folds(labels, 2, seed=0, groups=groups, clusters=clusters)
+    assert len(set(assignment[groups == 0]) | set(assignment[groups == 9])) == 1
