@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 CONFIG ?= conf/default.yaml
 PORT ?= 8080
 STAMP := $(VENV)/.installed
+# Study of the default config, whose best.yaml `make train` refits.
+STUDY ?= pneumonia-default
 
-.PHONY: install sweep test report export dashboard weights lint bench clean
+.PHONY: install sweep test report export dashboard weights train lint bench clean
 
 install: $(STAMP)
 
@@ -40,6 +42,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+train: $(STAMP)
+	$(BIN)/sweep train studies/$(STUDY)/best.yaml
 
 bench: $(STAMP) weights
 	$(BIN)/python benchmarks/bench_sweep.py

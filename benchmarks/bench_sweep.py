@@ -10,7 +10,8 @@ memory is measured alone.
 
 Usage:
     python benchmarks/bench_sweep.py [--trials 8] [--folds 3] [--size 64] [--limit 450]
-    python benchmarks/bench_sweep.py --trials 20 --skip-naive   # memory per trial
+    python benchmarks/bench_sweep.py --trials 20 --modes sweep   # memory per trial
+    python benchmarks/bench_sweep.py --modes sweep,sweep-float32  # what bfloat16 changes
 
 The last line is ``speedup: N.Nx``: trials per hour of sweep's way over the naive way.
 """
@@ -50,7 +51,10 @@ def study_config(args: argparse.Namespace, folder: Path, mode: str) -> dict[str,
             "unfreeze_layers": {"low": 0, "high": args.max_unfreeze},
         },
     }
-    if mode == "naive":
+    if mode == "sweep-float32":
+        config["study"]["pruner"] = "median"
+        config["train"]["precision"] = "float32"
+    elif mode == "naive":
         config["study"]["pruner"] = "none"
         config["train"]["precision"] = "float32"
         config["cache"] = {"enabled": False}
@@ -164,7 +168,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="phase 2 epochs (default 3)")
     parser.add_argument("--max-unfreeze", type=int, default=6, help="upper end of search.unfreeze_layers (default 6)")
     parser.add_argument("--precision", default="auto", help="train.precision of sweep's way (default auto)")
-    parser.add_argument("--skip-naive", action="store_true", help="run only sweep's way (for the memory check)")
+    parser.add_argument(
+        "--modes",
+        default="naive,sweep",
+        help="comma-separated ways to run: naive, sweep, and sweep-float32 (sweep's way in float32, to see what bfloat16 changes)",
+    )
     parser.add_argument("--run-mode", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_mode:
@@ -174,8 +182,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         folder = Path(tmp)
-        modes = ["sweep"] if args.skip_naive else ["naive", "sweep"]
-        for mode in modes:
+        for mode in args.modes.split(","):
             path = folder / f"{mode}.yaml"
             path.write_text(yaml.safe_dump(study_config(args, folder, mode), sort_keys=False))
             print(f"running the {mode} study ...", file=sys.stderr, flush=True)
@@ -186,9 +193,13 @@ def main() -> int:
             results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
 
     _print_table(args, results)
-    _print_hardware(args, results["sweep"]["precision"])
-    _print_memory(results["sweep"])
-    if "naive" in results:
+    ours = results.get("sweep") or next(iter(results.values()))
+    _print_hardware(args, ours["precision"])
+    _print_memory(ours)
+    if "sweep-float32" in results and "sweep" in results:
+        change = results["sweep"]["best_auc"] - results["sweep-float32"]["best_auc"]
+        print(f"best CV AUC, {results['sweep']['precision']} minus float32: {change:+.4f} (auto keeps bfloat16 only within 0.01)")
+    if "naive" in results and "sweep" in results:
         naive = results["naive"]["completed"] / results["naive"]["wall_s"]
         ours = results["sweep"]["completed"] / results["sweep"]["wall_s"]
         print(f"best CV AUC difference (sweep - naive): {results['sweep']['best_auc'] - results['naive']['best_auc']:+.4f}")
@@ -200,7 +211,7 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     print(f"\nstudy: PneumoniaMNIST, {args.limit} images at {args.size} px, {args.trials} completed trials, {args.folds} folds, "
           f"{args.warmup}+{args.epochs} epochs, ImageNet weights, TPE seed 0")  # fmt: skip
     header = (
-        f"{'way':<8} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} "
+        f"{'way':<14} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} "
         f"{'best CV AUC':>12} {'peak RSS (MiB)':>15} {'precision':>15}"
     )
     print(header)
@@ -208,7 +219,7 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     for mode, r in results.items():
         per_hour = r["completed"] / r["wall_s"] * 3600
         print(
-            f"{mode:<8} {r['wall_s']:>9.0f} {r['completed']:>10d} {r['started']:>8d} {r['pruned']:>7d} {per_hour:>9.1f} "
+            f"{mode:<14} {r['wall_s']:>9.0f} {r['completed']:>10d} {r['started']:>8d} {r['pruned']:>7d} {per_hour:>9.1f} "
             f"{r['best_auc']:>12.4f} {r['peak_rss_mb']:>15.0f} {r['precision'] or 'float32':>15}"
         )
 

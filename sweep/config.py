@@ -88,6 +88,8 @@ class DataSection(_Section):
     class_names: list[str] | None = Field(None, description="Names of the classes in label order; default from the data set or the folder names.")
     limit: int | None = Field(None, ge=2, description="Stratified subsample size drawn with study.seed, or null for all images.")
     download: bool = Field(True, description="medmnist: download the file from MedMNIST's record when it is missing.")
+    test_path: str | None = Field(None, description="npy: held-out test images (.npy); folder: a folder of class sub-folders. Read only by sweep train.")
+    test_labels_path: str | None = Field(None, description="npy: labels of the held-out test images.")
     on_conflict: Literal["error", "drop"] = Field(
         "error", description="What to do with identical images that carry different labels: stop with an error, or drop every copy."
     )
@@ -117,6 +119,9 @@ class TrainSection(_Section):
         "auto", description="Keras dtype policy; auto picks mixed_bfloat16 where the processor has bfloat16 matrix units, else float32."
     )
     augment: bool = Field(False, description="Random flips, small rotations and zooms of training images; bypasses the feature cache.")
+    final_epochs: int | None = Field(
+        None, ge=1, description="sweep train: phase 2 epochs of the final model; default the median best epoch of the exported trial."
+    )
     early_stopping: EarlyStoppingSection | None = Field(None, description="Stop phase 2 of a fold when the monitored metric stops improving.")
 
 
@@ -193,6 +198,10 @@ class OriginSection(_Section):
     cv_mean: float = Field(description="Mean of the objective over folds.")
     cv_std: float = Field(description="Standard deviation of the objective over folds.")
     best_epochs: list[int] = Field(default_factory=list, description="Phase 2 epoch with the best validation objective, per fold (1-based).")
+    threshold: float | None = Field(
+        None, description="Binary tasks: the probability threshold maximising sensitivity + specificity on the cross-validation predictions."
+    )
+    search: SearchSection | None = Field(None, description="The search ranges of the source study; sweep train rejects values outside them.")
 
 
 class Config(_Section):

@@ -118,6 +118,32 @@ def limit_dataset(dataset: Dataset, config: Config) -> Dataset:
     return dataset
 
 
+def load_test_split(section: DataSection, class_names: tuple[str, ...]) -> Dataset | None:
+    """Load the held-out test images, or return None when the data has none.
+
+    Only ``sweep train`` calls this, once, after the final model is trained; no
+    sweep or refit reads the test split before that.
+    """
+    if section.source == "medmnist":
+        path = medmnist_path(section)
+        with np.load(path, allow_pickle=False) as archive:
+            if "test_images" not in archive.files or "test_labels" not in archive.files:
+                return None
+            images, raw = archive["test_images"], archive["test_labels"]
+        labels = to_class_indices(raw, field_name="test_labels", n_images=len(images))
+        return Dataset(images=images, labels=labels, class_names=class_names, origin=f"{path} (test split)")
+    if not section.test_path:
+        return None
+    if section.source == "npy":
+        if not section.test_labels_path:
+            raise SweepError("data.test_labels_path is required when data.test_path is set for data.source 'npy', but got null")
+        images = _load_array(section.test_path, "data.test_path")
+        labels = to_class_indices(_load_array(section.test_labels_path, "data.test_labels_path"), field_name="data.test_labels_path", n_images=len(images))
+        return Dataset(images=images, labels=labels, class_names=class_names, origin=section.test_path)
+    test = load_folder(section.model_copy(update={"path": section.test_path, "class_names": list(class_names), "group_by": None}))
+    return test
+
+
 def medmnist_path(section: DataSection) -> Path:
     """Return where the MedMNIST file is expected: data.path, else <root>/<name>.npz (root from SWEEP_DATA_DIR when set)."""
     if section.path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+from sklearn.metrics import roc_curve
 
 from sweep.config import Config, config_from_dict, config_to_dict
 from sweep.errors import SweepError
@@ -34,6 +37,7 @@ def best_config(config: Config) -> Config:
     # The config stored when the study started is what its trials ran with,
     # whatever overrides this command was given.
     data: dict[str, Any] = _started_config(config)
+    ranges = data.get("search")
     data["search"] = {name: _plain(study.trials[trial_number].params[name]) for name in PARAM_NAMES}
     data["study"].update(name=f"{config.study.name}-best", dir=None, n_trials=1)
     if config.study.storage is None:
@@ -45,6 +49,8 @@ def best_config(config: Config) -> Config:
         "cv_mean": float(best[f"val_{objective}_mean"]),
         "cv_std": float(best[f"val_{objective}_std"]),
         "best_epochs": [int(v) for v in trial_folds["best_epoch"]],
+        "threshold": _cv_threshold(url, config.study.name, trial_number),
+        "search": ranges,
     }
     return config_from_dict(data)
 
@@ -63,6 +69,20 @@ def export_best(config: Config, output: Path | None = None) -> tuple[Path, Confi
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(config_to_dict(exported), sort_keys=False), encoding="utf-8")
     return path, exported
+
+
+def _cv_threshold(url: str, study_name: str, trial_number: int) -> float | None:
+    """Return the threshold maximising sensitivity + specificity (Youden's J) on a binary trial's out-of-fold predictions."""
+    predictions = read_table(url, "sweep_predictions", study_name)
+    rows = predictions[predictions["trial_number"] == trial_number]
+    if rows.empty:
+        return None
+    probabilities = np.array([json.loads(p) for p in rows["probabilities"]])
+    if probabilities.shape[1] != 2 or len(set(rows["label"])) < 2:
+        return None
+    fpr, tpr, thresholds = roc_curve(rows["label"].to_numpy(), probabilities[:, 1])
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
 
 
 def _started_config(config: Config) -> dict[str, Any]:

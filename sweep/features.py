@@ -2,9 +2,9 @@
 
 While no random augmentation is applied, every layer below the lowest trainable
 one is a fixed function of the input image. Its output is computed once per
-key (data, base weights, input size, preprocessing, precision and cut layer),
-stored as a memory-mapped ``.npy`` file under the study folder, and shared by
-every fold, trial and worker process that trains above the same cut.
+key (data, base weights, input size, preprocessing, precision and cut layer)
+and stored as a memory-mapped ``.npy`` file under the study folder. Every fold,
+trial and worker process that trains above the same cut shares that file.
 """
 
 from __future__ import annotations

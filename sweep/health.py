@@ -1,8 +1,8 @@
 """Health flags of a trained fold: collapsed, stuck, diverged, overfit.
 
 A score means little when the model behind it predicts one class for every
-image, or stopped learning after two epochs; these flags say so next to the
-score, and the report ranks collapsed and diverged trials below healthy ones.
+image, or stopped learning after two epochs. These flags mark such folds next
+to the score, and the report ranks collapsed and diverged trials below healthy ones.
 """
 
 from __future__ import annotations
@@ -88,5 +88,5 @@ def trial_health(folds_flags: list[list[str]]) -> str:
 
 
 def is_disqualified(health: str) -> bool:
-    """Return True when a trial's health label holds a flag that ranks it below healthy trials."""
+    """Return True when a trial's health label contains a flag that ranks it below healthy trials."""
     return any(flag in health for flag in DISQUALIFYING)

@@ -6,6 +6,7 @@ by study name and Optuna trial number, so pandas can read them with plain SQL.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +99,20 @@ class EpochModel(_MetricColumns, Base):
     phase: Mapped[int] = mapped_column(Integer)
     learning_rate: Mapped[float] = mapped_column(Float)
     duration_s: Mapped[float] = mapped_column(Float)
+
+
+class PredictionModel(Base):
+    """Out-of-fold class probabilities of one sample in one trial, as a JSON list."""
+
+    __tablename__ = "sweep_predictions"
+    __table_args__ = (UniqueConstraint("study_name", "trial_number", "sample_index"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_name: Mapped[str] = mapped_column(String(512), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    fold: Mapped[int] = mapped_column(Integer)
+    sample_index: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int] = mapped_column(Integer)
+    probabilities: Mapped[str] = mapped_column(Text)
 
 
 class Store:
@@ -195,6 +210,21 @@ class Store:
         """Store one fold's final metrics."""
         with self.session() as session:
             session.add(FoldResultModel(study_name=study_name, trial_number=trial_number, fold=fold, **values))
+
+    def save_predictions(self, study_name: str, trial_number: int, fold: int, indices: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        """Store the validation probabilities of one fold, one row per sample."""
+        with self.session() as session:
+            session.add_all(
+                PredictionModel(
+                    study_name=study_name,
+                    trial_number=trial_number,
+                    fold=fold,
+                    sample_index=int(index),
+                    label=int(label),
+                    probabilities=json.dumps([round(float(p), 6) for p in row]),
+                )
+                for index, label, row in zip(indices, labels, probabilities, strict=True)
+            )
 
     def dispose(self) -> None:
         """Close the engine's connections."""

@@ -105,6 +105,8 @@ class InputSource:
 
 def predict_proba(model: keras.Model, inputs: np.ndarray, index: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Return class probabilities of ``inputs[index]``, batch by batch in inference mode."""
+    if len(index) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
     parts = []
     for start in range(0, len(index), batch_size):
         batch = np.asarray(inputs[index[start : start + batch_size]], dtype=np.float32)
@@ -281,9 +283,7 @@ def _reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
             variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
 
 
-def _score_epoch(
-    model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float
-) -> tuple[EpochResult, np.ndarray]:
+def _score_epoch(model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float) -> tuple[EpochResult, np.ndarray]:
     val_probabilities = predict_proba(model, inputs, fold.val_index)
     epoch = EpochResult(
         epoch=number,
@@ -291,9 +291,16 @@ def _score_epoch(
         learning_rate=float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
         duration_s=duration_s,
         train=classification_metrics(fold.labels[fold.train_index], predict_proba(model, inputs, fold.train_index)),
-        val=classification_metrics(fold.labels[fold.val_index], val_probabilities),
+        val=_metrics_or_nan(fold.labels[fold.val_index], val_probabilities),
     )
     return epoch, val_probabilities
+
+
+def _metrics_or_nan(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    # A refit on all data has no validation images; its validation metrics are NaN.
+    if len(labels) == 0:
+        return dict.fromkeys(("loss", "accuracy", "balanced_accuracy", "auc"), math.nan)
+    return classification_metrics(labels, probabilities)
 
 
 def _monitored(epoch: EpochResult, monitor: str) -> float:

@@ -1,9 +1,9 @@
 """Running trials: the Optuna objective over k folds, in the process that trains.
 
 The study runner calls :func:`run_trials` in a worker process (or inline). It
-loads the data, the stored fold assignment and the base weights, sets up the
-feature cache, and runs Optuna trials until the study has enough completed
-ones, the worker has run its share, or its memory has grown too much.
+loads the data, the stored fold assignment and the base weights, and sets up
+the feature cache. It then runs Optuna trials until the study has enough
+completed ones, the worker has run its share, or its memory has grown too much.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def study_base_weights(config: Config) -> list[np.ndarray] | None:
 
 @dataclass
 class TrialContext:
-    """What every trial of one worker reads, set up once per worker."""
+    """Data, folds, weights and input source that every trial of one worker reads, set up once per worker."""
 
     config: Config
     dataset: Dataset
@@ -196,7 +196,7 @@ class Objective:
         return self._finish(trial, folds, label)
 
     def _report(self, trial: optuna.Trial, folds: list[dict[str, float]], fold: int, n_folds: int, label: str) -> None:
-        """Report the running mean to the pruner and raise TrialPruned when it says so."""
+        """Report the running mean to the pruner and raise TrialPruned when the pruner decides to stop the trial."""
         config = self.context.config
         running = float(np.mean([s[config.study.objective] for s in folds]))
         trial.set_user_attr("folds_run", len(folds))
@@ -242,6 +242,8 @@ class Objective:
             matrix = confusion_matrix(val_labels, probabilities.argmax(axis=1), labels=list(range(context.dataset.n_classes)))
             confusion = json.dumps(matrix.tolist())
         context.store.save_fold(config.study.name, trial.number, fold, flags=",".join(flags), confusion=confusion, **values)
+        if probabilities is not None and np.isfinite(probabilities).all():
+            context.store.save_predictions(config.study.name, trial.number, fold, data.val_index, val_labels, probabilities)
         trial.set_user_attr("health", trial_health(self.fold_flags))
         if flags:
             logger.warning("%s fold %d/%d flagged %s", label, fold + 1, n_folds, ", ".join(flags))

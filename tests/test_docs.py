@@ -30,8 +30,8 @@ def test_chinese_readme_has_same_commands() -> None:
     english = (REPO / "README.md").read_text(encoding="utf-8")
     chinese = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
     commands = set(re.findall(r"^make \w+", english, flags=re.MULTILINE))
-    assert commands == {"make install", "make weights", "make sweep", "make report", "make export", "make dashboard", "make test"}
+    assert commands == {"make install", "make weights", "make sweep", "make report", "make export", "make dashboard", "make train", "make test"}
     for command in commands:
         assert command in chinese
-    for verb in ("run", "report", "export", "dashboard", "weights"):
+    for verb in ("run", "doctor", "report", "export", "dashboard", "train", "predict", "weights"):
         assert f"sweep {verb}" in chinese
