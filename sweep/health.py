@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweep.training import FoldResult
+if TYPE_CHECKING:
+    # Imported for types only, so the report can rank trials without loading TensorFlow.
+    from sweep.training import FoldResult
 
 # Collapsed: at least this share of validation images gets the same predicted class ...
 COLLAPSE_SHARE = 0.95

@@ -139,7 +139,7 @@ def build_report(config: Config) -> Report:
     markdown_path = folder / "report.md"
     savings = pruning_savings(table, folds, config.cv.folds, config.train.warmup_epochs + config.train.epochs)
     extra = _data_check_lines(url, config.study.name) + _confusion_lines(folds, table, url, config.study.name)
-    markdown_path.write_text(_markdown(config, table, curves_path, savings) + "\n".join(extra), encoding="utf-8")
+    markdown_path.write_text(_markdown(config, table, curves_path, savings) + "\n" + "\n".join(extra), encoding="utf-8")
     return Report(table=table, markdown_path=markdown_path, csv_path=csv_path, curves_path=curves_path)
 
 
@@ -158,7 +158,7 @@ def summary_table(table: pd.DataFrame, objective: str, top: int | None = None) -
     out["folds"] = shown["folds"]
     out["epochs"] = shown["epochs_run"]
     out["duration (s)"] = [f"{v:.0f}" if not _isnan(v) else "" for v in shown["duration_s"]]
-    out["rank"] = [str(r) if not pd.isna(r) else "-" for r in out["rank"]]
+    out["rank"] = [str(int(r)) if not pd.isna(r) else "-" for r in out["rank"]]
     return out
 
 
