@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 
@@ -103,7 +104,7 @@ def train_final(config: Config, folder: Path | None = None) -> FinalModel:
         raise SweepError("the final model diverged (its training loss became NaN or infinite); lower search.learning_rate and run again")
 
     folder.mkdir(parents=True, exist_ok=True)
-    trainer.model.save(folder / MODEL_FILE)
+    save_model(trainer.model, folder / MODEL_FILE)
     write_preprocessing(folder, config.model.input_size, dataset.class_names)
     _write_history(result, folder)
 
@@ -111,6 +112,18 @@ def train_final(config: Config, folder: Path | None = None) -> FinalModel:
 
     test_metrics = score_test_split(config, trainer.model, dataset.class_names, folder, duration)
     return FinalModel(folder, epochs, duration, test_metrics)
+
+
+def save_model(model: keras.Model, path: Path) -> Path:
+    """Save the model's architecture and weights without its optimizer state.
+
+    Keras 3 saves the optimizer of a compiled model, whose Adam moments would
+    more than double the file; a prediction needs neither.
+    """
+    bare = keras.Model.from_config(model.get_config())
+    bare.set_weights(model.get_weights())
+    bare.save(path)
+    return path
 
 
 def write_preprocessing(folder: Path, input_size: int, class_names: tuple[str, ...]) -> Path:

@@ -16,7 +16,7 @@ from PIL import Image
 from sweep.cli import main
 from sweep.config import config_from_dict
 from sweep.evaluation import bootstrap_auc, sensitivity_specificity
-from sweep.final import final_epochs, final_hyperparameters, read_preprocessing, write_preprocessing
+from sweep.final import final_epochs, final_hyperparameters, read_preprocessing, save_model, write_preprocessing
 from sweep.model import HyperParameters
 from sweep.predict import collect_inputs
 from sweep.preprocess import prepare_images
@@ -111,8 +111,9 @@ def test_saved_model_predicts_like_in_memory(tmp_path: Path) -> None:
     params = HyperParameters(learning_rate=1e-4, decay=0.0, head_units=8, dropout=0.2, unfreeze_layers=2)
     trainer = FoldTrainer(config, params, InputSource(lambda: prepared), 2, None, seed=0)
     trainer.train(FoldData(np.arange(24), np.zeros(0, dtype=np.int64), labels), seed=0)
-    trainer.model.save(tmp_path / "model.keras")
+    save_model(trainer.model, tmp_path / "model.keras")
     reloaded = keras.models.load_model(tmp_path / "model.keras")
+    assert (tmp_path / "model.keras").stat().st_size < 1.2 * sum(w.nbytes for w in trainer.model.get_weights())
     index = np.arange(24)
     assert np.array_equal(predict_proba(trainer.model, prepared, index), predict_proba(reloaded, prepared, index))
 
