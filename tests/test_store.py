@@ -22,11 +22,11 @@ def store(tmp_path: Path) -> Store:
 
 def test_schema(store: Store) -> None:
     inspector = sa.inspect(store.engine)
-    assert set(inspector.get_table_names()) == {"sweep_studies", "sweep_fold_assignments", "sweep_fold_results", "sweep_epochs"}
+    assert set(inspector.get_table_names()) == {"sweep_studies", "sweep_fold_assignments", "sweep_fold_results", "sweep_epochs", "sweep_predictions"}
     epochs = {c["name"] for c in inspector.get_columns("sweep_epochs")}
     assert {"study_name", "trial_number", "fold", "epoch", "phase", "learning_rate"} | METRIC_COLUMNS <= epochs
     folds = {c["name"] for c in inspector.get_columns("sweep_fold_results")}
-    assert {"trial_number", "fold", "epochs_run", "best_epoch", "duration_s"} | METRIC_COLUMNS <= folds
+    assert {"trial_number", "fold", "epochs_run", "best_epoch", "duration_s", "flags", "confusion"} | METRIC_COLUMNS <= folds
     uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints("sweep_epochs")}
     assert ("study_name", "trial_number", "fold", "epoch") in uniques
 
@@ -55,3 +55,11 @@ def test_epoch_rows_readable_by_pandas(store: Store) -> None:
     frame = pd.read_sql("SELECT * FROM sweep_epochs ORDER BY epoch", store.engine)
     assert frame["val_auc"].tolist() == pytest.approx([0.6, 0.9])
     assert frame["trial_number"].tolist() == [5, 5]
+
+
+def test_predictions_round_trip(store: Store) -> None:
+    store.save_predictions("s", 2, 1, np.array([4, 9]), np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]))
+    frame = pd.read_sql("SELECT * FROM sweep_predictions ORDER BY sample_index", store.engine)
+    assert frame["sample_index"].tolist() == [4, 9]
+    assert frame["label"].tolist() == [0, 1]
+    assert frame["probabilities"].tolist() == ["[0.8, 0.2]", "[0.3, 0.7]"]
