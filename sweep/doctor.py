@@ -87,7 +87,7 @@ def content_clusters(dataset: Dataset) -> np.ndarray:
     """Return, for every image, the index of the first image with identical decoded content."""
     first: dict[bytes, int] = {}
     clusters = np.empty(len(dataset), dtype=np.int64)
-    for index, image in enumerate(_images(dataset)):
+    for index, image in enumerate(dataset.images):
         digest = hashlib.sha1(str((image.shape, image.dtype.str)).encode() + np.ascontiguousarray(image).tobytes()).digest()
         clusters[index] = first.setdefault(digest, index)
     return clusters
@@ -209,7 +209,7 @@ def _check_groups(dataset: Dataset, report: DoctorReport) -> None:
 
 
 def _check_intensity(dataset: Dataset, report: DoctorReport) -> None:
-    images = _images(dataset)
+    images = dataset.images
     dtypes = sorted({str(image.dtype) for image in images})
     finite = [bool(np.isfinite(image).all()) for image in images] if any(np.issubdtype(np.dtype(d), np.floating) for d in dtypes) else []
     bad = [i for i, ok in enumerate(finite) if not ok]
@@ -239,7 +239,7 @@ def _check_intensity(dataset: Dataset, report: DoctorReport) -> None:
 
 
 def _check_channels(dataset: Dataset, report: DoctorReport) -> None:
-    images = _images(dataset)
+    images = dataset.images
     channels = Counter(1 if image.ndim == 2 else int(image.shape[-1]) for image in images)
     sizes = Counter(tuple(image.shape[:2]) for image in images)
     report.summary["channels"] = {str(k): v for k, v in channels.items()}
@@ -254,10 +254,6 @@ def _check_channels(dataset: Dataset, report: DoctorReport) -> None:
     if len(sizes) > 1:
         smallest, largest = min(sizes), max(sizes)
         report.add("info", "channels", f"{len(sizes)} image sizes from {smallest[0]}x{smallest[1]} to {largest[0]}x{largest[1]}; all are resized")
-
-
-def _images(dataset: Dataset) -> list[np.ndarray] | np.ndarray:
-    return dataset.images
 
 
 def prepare_dataset(config: Config) -> tuple[Dataset, DoctorReport]:
