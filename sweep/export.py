@@ -12,8 +12,7 @@ from sklearn.metrics import roc_curve
 
 from sweep.config import Config, config_from_dict, config_to_dict
 from sweep.errors import SweepError
-from sweep.report import PARAM_NAMES, load_study, rank_trials, read_table
-from sweep.store import Store
+from sweep.report import PARAM_NAMES, load_study, rank_trials, read_table, started_config
 
 
 def best_config(config: Config) -> Config:
@@ -36,7 +35,7 @@ def best_config(config: Config) -> Config:
 
     # The config stored when the study started is what its trials ran with,
     # whatever overrides this command was given.
-    data: dict[str, Any] = _started_config(config)
+    data: dict[str, Any] = started_config(config)
     ranges = data.get("search")
     data["search"] = {name: _plain(study.trials[trial_number].params[name]) for name in PARAM_NAMES}
     data["study"].update(name=f"{config.study.name}-best", dir=None, n_trials=1)
@@ -83,18 +82,6 @@ def _cv_threshold(url: str, study_name: str, trial_number: int) -> float | None:
     fpr, tpr, thresholds = roc_curve(rows["label"].to_numpy(), probabilities[:, 1])
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))
-
-
-def _started_config(config: Config) -> dict[str, Any]:
-    store = Store(config.study.storage_url)
-    try:
-        stored = store.load_assignment(config.study.name)
-    finally:
-        store.dispose()
-    if stored is None:
-        return config_to_dict(config)
-    data = yaml.safe_load(stored[0].config_yaml)
-    return data if isinstance(data, dict) else config_to_dict(config)
 
 
 def _plain(value: Any) -> Any:

@@ -7,16 +7,18 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
+import yaml
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
-from sweep.config import Config
+from sweep.config import Config, config_from_dict, config_to_dict
 from sweep.errors import SweepError
 from sweep.health import is_disqualified
-from sweep.store import METRICS
+from sweep.store import METRICS, Store
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,11 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
 def build_report(config: Config) -> Report:
     """Rank the study's trials and write report.md, report.csv and the best trial's learning curves."""
     study = load_study(config)
+    # Folds, epochs, pruner and objective come from the stored config, whatever this command's overrides say.
+    ran = config_from_dict(started_config(config))
+    config = config.model_copy(
+        update={"cv": ran.cv, "train": ran.train, "study": config.study.model_copy(update={"pruner": ran.study.pruner, "objective": ran.study.objective})}
+    )
     url = config.study.storage_url
     folds = read_table(url, "sweep_fold_results", config.study.name)
     table = rank_trials(study, folds, config.study.objective)
@@ -183,6 +190,19 @@ def _markdown(config: Config, table: pd.DataFrame, curves_path: Path | None, sav
     if curves_path is not None:
         lines += [f"Learning curves of the best trial: ![curves]({curves_path.name})", ""]
     return "\n".join(lines)
+
+
+def started_config(config: Config) -> dict[str, Any]:
+    """Return the config stored when the study started (what its trials ran with), or this one before any run."""
+    store = Store(config.study.storage_url)
+    try:
+        stored = store.load_assignment(config.study.name)
+    finally:
+        store.dispose()
+    if stored is None:
+        return config_to_dict(config)
+    data = yaml.safe_load(stored[0].config_yaml)
+    return data if isinstance(data, dict) else config_to_dict(config)
 
 
 def _data_check_lines(url: str, study_name: str) -> list[str]:
