@@ -320,8 +320,8 @@ def stratified_subsample(dataset: Dataset, size: int, seed: int) -> Dataset:
     if size < np.count_nonzero(counts):
         raise SweepError(f"data.limit must be >= the number of classes ({np.count_nonzero(counts)}), but got {size}")
     indices = np.arange(len(dataset))
-    kept, _ = train_test_split(indices, train_size=size, stratify=dataset.labels, random_state=seed)
-    return dataset.subset(np.sort(kept))
+    selected, _ = train_test_split(indices, train_size=size, stratify=dataset.labels, random_state=seed)
+    return dataset.subset(np.sort(selected))
 
 
 def _load_array(path: str, field_name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Stratified k-fold assignment, computed once per study so every trial sees the same splits."""
+"""Stratified k-fold assignment, computed once per study so every trial trains on the same splits."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def assign_folds(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray |
         folds: Number of folds.
         seed: Seed of the shuffle before splitting.
         groups: Optional group (patient) id per sample.
-        clusters: Optional index of the first identical image, per sample; identical
+        clusters: Optional index of the first identical image, per sample. Identical
             images always share a fold, so no copy is on both sides of a split.
 
     Returns:

@@ -23,8 +23,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
 
     Returns:
         A mapping of metric name to value. AUC is one-vs-rest for more than two
-        classes and NaN when the labels hold a single class; every metric is NaN
-        when a probability is not finite (a diverged model).
+        classes, and NaN when the labels contain a single class. Every metric is
+        NaN when a probability is not finite, as from a diverged model.
     """
     n_classes = probabilities.shape[1]
     if not np.isfinite(probabilities).all():
@@ -33,7 +33,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     clipped = clipped / clipped.sum(axis=1, keepdims=True)
     predicted = probabilities.argmax(axis=1)
     with warnings.catch_warnings():
-        # A fold missing a class makes balanced accuracy warn; the NaN AUC already tells.
+        # A fold missing a class makes balanced accuracy warn, and the NaN AUC already reports it.
         warnings.simplefilter("ignore", (UndefinedMetricWarning, UserWarning))
         values = {
             "loss": float(log_loss(labels, clipped, labels=list(range(n_classes)))),

@@ -46,8 +46,8 @@ def build_model(
         base_weights: The base's 26 arrays (ImageNet), or None for random initialisation.
         params: The trial's hyperparameters; only the head's are used here.
         pooling: ``avg``, ``max`` or ``flatten`` between the base and the hidden layer.
-        seed: Seed of the head's initial weights and dropout masks; each layer has its own,
-            so a model cut at any layer starts from the same values.
+        seed: Seed of the head's initial weights and dropout masks. Each layer has its own
+            seed, so a model cut at any layer starts from the same values.
         augment: Add random flips, rotations and zooms in front of the base (training only).
 
     Returns:

@@ -27,8 +27,8 @@ def collect_inputs(paths: list[str]) -> tuple[list[str], list[np.ndarray]]:
     """
     names: list[str] = []
     images: list[np.ndarray] = []
-    for given in paths:
-        path = Path(given)
+    for argument in paths:
+        path = Path(argument)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:

@@ -1,7 +1,7 @@
 """The one preprocessing path of every image: channels, size, then VGG16's own normalisation.
 
 Training, validation, refits and predictions all call :func:`prepare_images`, so a
-model never sees inputs prepared differently from those it was trained on.
+model never receives inputs prepared differently from those it was trained on.
 """
 
 from __future__ import annotations

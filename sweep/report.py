@@ -121,7 +121,7 @@ def rank_trials(study: optuna.Study, folds: pd.DataFrame, objective: str) -> pd.
 def build_report(config: Config) -> Report:
     """Rank the study's trials and write report.md, report.csv and the best trial's learning curves."""
     study = load_study(config)
-    # Folds, epochs, pruner and objective come from the stored config, whatever this command's overrides say.
+    # Folds, epochs, pruner and objective come from the stored config, not from this command's overrides.
     ran = config_from_dict(started_config(config))
     config = config.model_copy(
         update={"cv": ran.cv, "train": ran.train, "study": config.study.model_copy(update={"pruner": ran.study.pruner, "objective": ran.study.objective})}

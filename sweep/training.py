@@ -64,10 +64,12 @@ class FoldResult:
         phase2 = [e for e in self.epochs if e.phase == 2]
         if not phase2:
             return 0
-        values = [e.val[objective] for e in phase2]
-        values = [v if math.isfinite(v) else (math.inf if objective == "loss" else -math.inf) for v in values]
-        index = int(np.argmin(values)) if objective == "loss" else int(np.argmax(values))
-        return index + 1
+        # Non-finite values count as the worst possible score.
+        worst = math.inf if objective == "loss" else -math.inf
+        values = [e.val[objective] if math.isfinite(e.val[objective]) else worst for e in phase2]
+        if objective == "loss":
+            return int(np.argmin(values)) + 1
+        return int(np.argmax(values)) + 1
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ class InputSource:
 
     Args:
         images: Returns the prepared images of all samples; called only when needed.
-        features: Returns the stored features of all samples for a cut layer, or None
-            when the cache is off; called only for cuts that have a frozen prefix.
+        features: Returns the stored features of all samples for a cut layer. It is
+            None when the cache is off, and is called only for cuts with a frozen prefix.
     """
 
     def __init__(self, images: Callable[[], np.ndarray], features: Callable[[str], np.ndarray] | None = None) -> None:

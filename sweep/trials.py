@@ -325,7 +325,7 @@ def _sampler(config: Config, n_existing: int) -> optuna.samplers.BaseSampler:
     # Each worker seeds its sampler with the number of trials before it, so a
     # fresh worker does not replay the random draws of the one it replaces.
     # NOTE: a restart triggered by memory growth moves that seed, so two runs of
-    # one config can sample different trials; only restarts by count are reproducible.
+    # one config can sample different trials. Only restarts by count are reproducible.
     seed = config.study.seed + 7919 * n_existing
     if config.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)

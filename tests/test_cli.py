@@ -56,9 +56,11 @@ def test_report_writes_files(tiny_study: Path) -> None:
     result = run_sweep("report", str(tiny_study))
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tiny_study.parent / "study"
-    assert "rank" in result.stdout and "val auc" in result.stdout
+    assert "rank" in result.stdout
+    assert "val auc" in result.stdout
     markdown = (folder / "report.md").read_text()
-    assert "| rank" in markdown and "±" in markdown
+    assert "| rank" in markdown
+    assert "±" in markdown
     assert (folder / "report.csv").stat().st_size > 0
     png = (folder / "best_trial_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG")

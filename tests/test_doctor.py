@@ -63,8 +63,8 @@ def test_mild_imbalance_is_info() -> None:
 def test_duplicates_found_and_kept_in_one_fold(tmp_path: Path) -> None:
     images, labels = make_images(40)
     images[7] = images[3]
-    images[30] = images[3]  # labels of 3, 7 and 30 differ only if the pattern says so: 3 and 7 are both odd
-    labels[30] = labels[3]
+    images[30] = images[3]
+    labels[30] = labels[3]  # image 30 is even, so its label is set to match images 3 and 7 (odd, label 1)
     report = examine(_dataset(images, labels))
     (message,) = _messages(report, "duplicates", "warning")
     assert message.startswith("3 images are identical to another (1 groups, e.g. indices 3 and 7)")

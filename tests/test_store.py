@@ -37,7 +37,9 @@ def test_assignment_round_trip(store: Store) -> None:
     store.save_assignment("s", assignment, labels, None, fingerprint="f" * 64, seed=3, class_names=("a", "b"), config_yaml="x: 1\n")
     record, loaded = store.load_assignment("s")
     assert np.array_equal(loaded, assignment)
-    assert record.seed == 3 and record.n_folds == 3 and record.class_names == "a\nb"
+    assert record.seed == 3
+    assert record.n_folds == 3
+    assert record.class_names == "a\nb"
     assert store.load_assignment("other") is None
 
 
