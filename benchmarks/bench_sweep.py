@@ -13,6 +13,11 @@ Usage:
     python benchmarks/bench_sweep.py --trials 20 --modes sweep   # memory per trial
     python benchmarks/bench_sweep.py --modes sweep,sweep-float32  # what bfloat16 changes
 
+Trials per hour count every trial a way ran to its end, completed or pruned,
+as Optuna counts trials: a pruned trial is a configuration tried and rejected.
+Both ways run until the study has the same number of completed trials. The
+table also gives completed trials per hour, and the line before the last their ratio.
+
 The last line is ``speedup: N.Nx``: trials per hour of sweep's way over the naive way.
 """
 
@@ -91,6 +96,7 @@ def run_mode(config_path: Path) -> dict[str, Any]:
         "best_auc": study.best_value if complete else float("nan"),
         "peak_rss_mb": max(own, children),
         "rss_by_trial": [(t.number, t.user_attrs.get("rss_mb")) for t in complete],
+        "anon_by_trial": [(t.number, t.user_attrs.get("anon_mb")) for t in complete],
         "precision": complete[0].user_attrs.get("precision", "") if complete else "",
     }
 
@@ -117,7 +123,7 @@ def matmul_rates() -> dict[str, float]:
 
 
 def cached_step_rate(size: int, precision: str, unfreeze: int) -> tuple[float, float, str]:
-    """Time training steps of the part above a cut on stored features; return (GFLOP/s, images/s, cut).
+    """Time the traced training step that sweep runs on stored features above a cut; return (GFLOP/s, images/s, cut).
 
     FLOPs count the convolutions and dense layers above the cut: 2 x multiply-adds
     forward, and three times that for a training step (forward, input gradients and
@@ -125,36 +131,41 @@ def cached_step_rate(size: int, precision: str, unfreeze: int) -> tuple[float, f
     """
     import keras
     import numpy as np
+    import tensorflow as tf
 
     sys.path.insert(0, str(REPO))
+    from sweep.config import TrainSection
     from sweep.features import feature_shape
-    from sweep.model import HyperParameters, build_model, cut_layer, dtype_policy, freeze_for_phase, suffix_model
+    from sweep.model import HyperParameters, cut_layer, trained_convolutions
+    from sweep.network import Network
 
     params = HyperParameters(learning_rate=1e-4, decay=0.0, head_units=128, dropout=0.2, unfreeze_layers=unfreeze)
     cut = cut_layer(2, unfreeze)
     assert cut is not None
-    with dtype_policy(precision):
-        model = build_model(2, size, None, params)
-        freeze_for_phase(model, 2, unfreeze)
-        suffix = suffix_model(model, cut)
-        suffix.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    network = Network(2, size, None, TrainSection(), "avg", precision, head_width=128, max_unfreeze=unfreeze)
+    network.restart(network.head_start(params, seed=0))
+    network.start_phase(params.learning_rate, params.decay)
+    train_step, _ = network.step_functions(cut, trained_convolutions(2, unfreeze), keep=True)
     batch = 32
-    x = np.random.default_rng(0).random((batch * 10, *feature_shape(cut, size)), dtype=np.float32)
-    y = np.arange(len(x)) % 2
-    suffix.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    x = tf.constant(np.random.default_rng(0).random((batch, *feature_shape(cut, size)), dtype=np.float32))
+    y = tf.constant(np.arange(batch, dtype=np.int64) % 2)
+    for _ in range(3):
+        train_step(x, y)[0].numpy()
+    steps = 30
     started = time.perf_counter()
-    epochs = 3
-    suffix.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
+    for _ in range(steps):
+        loss = train_step(x, y)[0]
+    loss.numpy()
     seconds = time.perf_counter() - started
     flops_per_image = 0
-    for layer in suffix.layers:
+    for layer in network.model(cut).layers:
         if isinstance(layer, keras.layers.Conv2D):
             _, h, w, c_out = layer.output.shape
             c_in = layer.input.shape[-1]
             flops_per_image += 2 * h * w * 9 * c_in * c_out
         elif isinstance(layer, keras.layers.Dense):
             flops_per_image += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    images = len(x) * epochs
+    images = batch * steps
     return 3 * flops_per_image * images / seconds / 1e9, images / seconds, cut
 
 
@@ -200,10 +211,11 @@ def main() -> int:
         change = results["sweep"]["best_auc"] - results["sweep-float32"]["best_auc"]
         print(f"best CV AUC, {results['sweep']['precision']} minus float32: {change:+.4f} (auto keeps bfloat16 only within 0.01)")
     if "naive" in results and "sweep" in results:
-        naive = results["naive"]["completed"] / results["naive"]["wall_s"]
-        ours = results["sweep"]["completed"] / results["sweep"]["wall_s"]
-        print(f"best CV AUC difference (sweep - naive): {results['sweep']['best_auc'] - results['naive']['best_auc']:+.4f}")
-        print(f"speedup: {ours / naive:.1f}x")
+        naive, ours = results["naive"], results["sweep"]
+        completed_ratio = (ours["completed"] / ours["wall_s"]) / (naive["completed"] / naive["wall_s"])
+        print(f"best CV AUC difference (sweep - naive): {ours['best_auc'] - naive['best_auc']:+.4f}")
+        print(f"completed trials per hour, sweep over naive: {completed_ratio:.1f}x")
+        print(f"speedup: {(ours['started'] / ours['wall_s']) / (naive['started'] / naive['wall_s']):.1f}x")
     return 0
 
 
@@ -211,15 +223,16 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     print(f"\nstudy: PneumoniaMNIST, {args.limit} images at {args.size} px, {args.trials} completed trials, {args.folds} folds, "
           f"{args.warmup}+{args.epochs} epochs, ImageNet weights, TPE seed 0")  # fmt: skip
     header = (
-        f"{'way':<14} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} "
+        f"{'way':<14} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} {'completed/h':>12} "
         f"{'best CV AUC':>12} {'peak RSS (MiB)':>15} {'precision':>15}"
     )
     print(header)
     print("-" * len(header))
     for mode, r in results.items():
-        per_hour = r["completed"] / r["wall_s"] * 3600
+        per_hour = r["started"] / r["wall_s"] * 3600
+        completed_per_hour = r["completed"] / r["wall_s"] * 3600
         print(
-            f"{mode:<14} {r['wall_s']:>9.0f} {r['completed']:>10d} {r['started']:>8d} {r['pruned']:>7d} {per_hour:>9.1f} "
+            f"{mode:<14} {r['wall_s']:>9.0f} {r['completed']:>10d} {r['started']:>8d} {r['pruned']:>7d} {per_hour:>9.1f} {completed_per_hour:>12.1f} "
             f"{r['best_auc']:>12.4f} {r['peak_rss_mb']:>15.0f} {r['precision'] or 'float32':>15}"
         )
 
@@ -247,6 +260,11 @@ def _print_memory(result: dict[str, Any]) -> None:
     print("\nworker resident memory after each completed trial (MiB): " + ", ".join(f"#{n}: {v:.0f}" for n, v in rss))
     second, last = rss[1][1], rss[-1][1]
     print(f"completed trial {len(rss)} vs completed trial 2: {last:.0f} vs {second:.0f} MiB ({100 * (last / second - 1):+.1f}%)")
+    anon = [(n, v) for n, v in result.get("anon_by_trial", []) if v is not None]
+    if len(anon) >= 2:
+        print("anonymous memory, without mapped feature files (MiB): " + ", ".join(f"#{n}: {v:.0f}" for n, v in anon))
+        first, final = anon[1][1], anon[-1][1]
+        print(f"anonymous, completed trial {len(anon)} vs completed trial 2: {final:.0f} vs {first:.0f} MiB ({100 * (final / first - 1):+.1f}%)")
 
 
 if __name__ == "__main__":

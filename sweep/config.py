@@ -146,7 +146,13 @@ class CacheSection(_Section):
 class RuntimeSection(_Section):
     workers: Literal["process", "inline"] = Field("process", description="Run trials in recycled worker processes, or inline in the command's own process.")
     max_trials_per_worker: int = Field(25, ge=1, description="A worker process exits after this many trials and a fresh one continues.")
-    memory_growth: float = Field(0.05, gt=0, description="A worker exits once its resident memory exceeds that after its first trial by this fraction.")
+    memory_growth: float = Field(
+        0.05,
+        gt=0,
+        description=(
+            "A worker exits once its anonymous resident memory (not counting mapped feature files) exceeds that after its first trial by this fraction."
+        ),
+    )
 
 
 class FloatRange(_Section):

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,51 +104,61 @@ class FeatureCache:
     Args:
         folder: Directory of the ``.npy`` files, usually ``<study dir>/features``.
         key: What the features depend on besides the cut layer.
+        together: Cuts computed in one pass: when one of them is missing, every
+            missing one is stored, since the deepest prefix passes through the others.
     """
 
-    def __init__(self, folder: Path, key: CacheKey) -> None:
+    def __init__(self, folder: Path, key: CacheKey, together: Sequence[str] = ()) -> None:
         self.folder = folder
         self.key = key
+        self.together = tuple(together)
 
     def path(self, cut: str) -> Path:
         return self.folder / f"{cut}-{self.key.digest(cut)}.npy"
 
-    def get(self, cut: str, n_images: int, fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    def get(self, cut: str, n_images: int, fill: Callable[[dict[str, np.memmap]], None]) -> np.ndarray:
         """Return the read-only memory-mapped features of ``cut``, computing them first if needed.
 
         Args:
             cut: Base layer whose output is stored.
             n_images: Number of images (rows).
-            fill: Writes the features of all images into the array it is given.
+            fill: Writes the features of all images of each cut it is given into that cut's array.
         """
         path = self.path(cut)
         if not path.exists():
             self.folder.mkdir(parents=True, exist_ok=True)
             with self._lock():
                 # Another worker may have written it while this one waited for the lock.
-                if not path.exists():
-                    self._build(cut, path, n_images, fill)
+                missing = [c for c in dict.fromkeys((*self.together, cut)) if not self.path(c).exists()]
+                if missing:
+                    self._build(missing, n_images, fill)
         features = np.load(path, mmap_mode="r")
         if features.shape[0] != n_images:
             raise RuntimeError(f"feature cache {path} has {features.shape[0]} rows, expected {n_images}")
         return features
 
-    def _build(self, cut: str, path: Path, n_images: int, fill: Callable[[np.ndarray], None]) -> None:
-        for stale in self.folder.glob(f"{cut}-*.npy"):
-            logger.info("removing feature cache %s, whose key no longer matches", stale.name)
-            stale.unlink()
-        shape = (n_images, *feature_shape(cut, self.key.input_size))
-        partial = path.with_suffix(".partial.npy")
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    def _build(self, cuts: list[str], n_images: int, fill: Callable[[dict[str, np.memmap]], None]) -> None:
+        arrays: dict[str, np.memmap] = {}
+        for cut in cuts:
+            for stale in self.folder.glob(f"{cut}-*.npy"):
+                logger.info("removing feature cache %s, whose key no longer matches", stale.name)
+                stale.unlink()
+            partial = self.path(cut).with_suffix(".partial.npy")
+            arrays[cut] = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_images, *feature_shape(cut, self.key.input_size)))
         try:
-            fill(array)
-            array.flush()
-            del array
-            os.replace(partial, path)
+            fill(arrays)
+            for cut, array in arrays.items():
+                array.flush()
+                shape = array.shape
+                del array
+                path = self.path(cut)
+                os.replace(path.with_suffix(".partial.npy"), path)
+                path.with_suffix(".json").write_text(json.dumps({**asdict(self.key), "cut": cut, "shape": shape}, indent=1), encoding="utf-8")
+                logger.info("stored %s features %s in %s (%.1f MiB)", cut, shape, path.name, path.stat().st_size / 2**20)
         finally:
-            partial.unlink(missing_ok=True)
-        path.with_suffix(".json").write_text(json.dumps({**asdict(self.key), "cut": cut, "shape": shape}, indent=1), encoding="utf-8")
-        logger.info("stored %s features %s in %s (%.1f MiB)", cut, shape, path.name, path.stat().st_size / 2**20)
+            arrays.clear()
+            for cut in cuts:
+                self.path(cut).with_suffix(".partial.npy").unlink(missing_ok=True)
 
     def total_bytes(self) -> int:
         """Return the size of all stored feature files."""

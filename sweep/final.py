@@ -103,14 +103,15 @@ def train_final(config: Config, folder: Path | None = None) -> FinalModel:
     if result.diverged:
         raise SweepError("the final model diverged (its training loss became NaN or infinite); lower search.learning_rate and run again")
 
+    model = trainer.model
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(trainer.model, folder / MODEL_FILE)
+    save_model(model, folder / MODEL_FILE)
     write_preprocessing(folder, config.model.input_size, dataset.class_names)
     _write_history(result, folder)
 
     from sweep.evaluation import score_test_split
 
-    test_metrics = score_test_split(config, trainer.model, dataset.class_names, folder, duration)
+    test_metrics = score_test_split(config, model, dataset.class_names, folder, duration)
     return FinalModel(folder, epochs, duration, test_metrics)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -110,9 +111,11 @@ def suffix_model(model: keras.Model, cut: str) -> keras.Model:
     return keras.Model(features, hidden, name=f"suffix_from_{cut}")
 
 
-def prefix_model(model: keras.Model, cut: str) -> keras.Model:
-    """Return the frozen part of the base: image to the output of layer ``cut``."""
+def prefix_model(model: keras.Model, cut: str | list[str]) -> keras.Model:
+    """Return the frozen part of the base: image to the output of layer ``cut``, or a list of outputs of several layers."""
     base = model.get_layer(BASE_NAME)
+    if isinstance(cut, list):
+        return keras.Model(base.inputs, [base.get_layer(name).output for name in cut], name="prefix_to_" + "_".join(cut))
     return keras.Model(base.inputs, base.get_layer(cut).output, name=f"prefix_to_{cut}")
 
 
@@ -133,45 +136,101 @@ def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
 
 
-def freeze_for_phase(model: keras.Model, phase: int, unfreeze_layers: int) -> None:
-    """Set which layers train: phase 1 the head alone, phase 2 also the top ``unfreeze_layers`` convolutions.
+def trained_convolutions(phase: int, unfreeze_layers: int) -> tuple[str, ...]:
+    """Return the base convolutions a phase trains: none in phase 1, the top ``unfreeze_layers`` in phase 2.
 
     The head is warmed up first with the whole base frozen, because large
     gradients from a random head would otherwise wreck the pretrained filters.
-    The caller must compile the model again after this call.
+    The head trains in both phases.
     """
-    base = model.get_layer(BASE_NAME)
     if phase == 1 or unfreeze_layers == 0:
-        base.trainable = False
-        return
-    base.trainable = True
-    trainable = set(id(layer) for layer in conv_layers(model)[-unfreeze_layers:])
-    for layer in base.layers:
-        layer.trainable = id(layer) in trainable
+        return ()
+    return CONV_LAYERS[-unfreeze_layers:]
 
 
-def trainable_layer_names(model: keras.Model) -> list[str]:
-    """Return the names of the layers with trainable weights, base layers included."""
-    names: list[str] = []
-    for layer in model.layers:
-        if layer.name == BASE_NAME:
-            names.extend(inner.name for inner in layer.layers if inner.trainable_weights)
-        elif layer.trainable_weights:
-            names.append(layer.name)
-    return names
-
-
-def make_optimizer(train: TrainSection, learning_rate: float, decay: float = 0.0) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    train: TrainSection, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, decay: float = 0.0
+) -> keras.optimizers.Optimizer:
     """Create the configured optimizer with inverse-time decay: lr / (1 + decay * step).
 
     ``InverseTimeDecay`` with one decay step per optimizer step is what the
-    ``decay`` argument of Keras 2 optimizers did.
+    ``decay`` argument of Keras 2 optimizers did. A schedule passed as
+    ``learning_rate`` is used as it is.
     """
     rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if decay > 0:
+    if decay > 0 and not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
         rate = keras.optimizers.schedules.InverseTimeDecay(learning_rate, decay_steps=1, decay_rate=decay)
     if train.optimizer == "sgd":
         return keras.optimizers.SGD(learning_rate=rate, momentum=0.9)
     if train.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=rate)
     return keras.optimizers.Adam(learning_rate=rate)
+
+
+class AdjustableInverseTimeDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Inverse-time decay, lr / (1 + decay * step), whose two values can change between trials.
+
+    The values live in variables, so a traced training step reads the new ones
+    without being traced again.
+    """
+
+    def __init__(self, learning_rate: float = 1e-3, decay: float = 0.0) -> None:
+        self.initial = keras.Variable(learning_rate, dtype="float32", trainable=False, name="initial_learning_rate")
+        self.decay = keras.Variable(decay, dtype="float32", trainable=False, name="decay_rate")
+
+    def set(self, learning_rate: float, decay: float) -> None:
+        self.initial.assign(learning_rate)
+        self.decay.assign(decay)
+
+    def __call__(self, step: Any) -> Any:
+        return self.initial / (1.0 + self.decay * keras.ops.cast(step, "float32"))
+
+    def get_config(self) -> dict[str, float]:
+        return {"learning_rate": float(keras.ops.convert_to_numpy(self.initial)), "decay": float(keras.ops.convert_to_numpy(self.decay))}
+
+
+class UnitMask(keras.layers.Layer):
+    """Multiplies each hidden unit by 1 or 0, so a wide head computes exactly what a narrower one does.
+
+    A zeroed unit passes nothing forward and receives no gradient, so its weights
+    never change. One head as wide as the search range then serves every trial.
+    """
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        self.mask = self.add_weight(shape=(input_shape[-1],), initializer="ones", trainable=False, name="mask")
+
+    def set_units(self, units: int) -> None:
+        """Keep the first ``units`` units and zero the rest."""
+        values = np.zeros(self.mask.shape, dtype=np.float32)
+        values[:units] = 1.0
+        self.mask.assign(values)
+
+    def call(self, inputs: Any) -> Any:
+        return inputs * keras.ops.cast(self.mask, inputs.dtype)
+
+
+class AdjustableDropout(keras.layers.Layer):
+    """Dropout whose rate lives in a variable, so it can change without tracing the model again.
+
+    Args:
+        seed: Seed of the dropout masks; :meth:`reseed` restarts the sequence.
+    """
+
+    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        # The rate stays float32 under a mixed-precision policy, where the inputs are not.
+        self.rate = self.add_weight(shape=(), initializer="zeros", trainable=False, autocast=False, name="rate")
+
+    def reseed(self, seed: int) -> None:
+        """Restart the mask sequence as a layer created with ``seed`` would."""
+        self.seed_generator.state.assign(np.array([seed, 0]).astype(self.seed_generator.state.dtype))
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if not training:
+            return inputs
+        keep = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator) >= self.rate
+        scale = keras.ops.cast(keep, "float32") / (1.0 - self.rate)
+        return inputs * keras.ops.cast(scale, inputs.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import keras
@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from sweep.config import Config
 from sweep.metrics import classification_metrics
-from sweep.model import HyperParameters, build_model, cut_layer, dtype_policy, freeze_for_phase, make_optimizer, suffix_model
+from sweep.model import HyperParameters, cut_layer, trained_convolutions
+from sweep.network import Network, PredictStep, TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class InputSource:
     def __init__(self, images: Callable[[], np.ndarray], features: Callable[[str], np.ndarray] | None = None) -> None:
         self._images = images
         self._features = features
+        self._feeders: dict[str | None, BatchFeeder] = {}
 
     @property
     def cached(self) -> bool:
@@ -103,6 +105,13 @@ class InputSource:
         if cut is None or self._features is None:
             return self._images()
         return self._features(cut)
+
+    def feeder(self, cut: str | None) -> BatchFeeder:
+        """Return the batch pipeline over :meth:`inputs` of ``cut``, built on first use."""
+        key = cut if self._features is not None else None
+        if key not in self._feeders:
+            self._feeders[key] = BatchFeeder(self.inputs(cut))
+        return self._feeders[key]
 
 
 def predict_proba(model: keras.Model, inputs: np.ndarray, index: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
@@ -116,37 +125,46 @@ def predict_proba(model: keras.Model, inputs: np.ndarray, index: np.ndarray, bat
     return np.concatenate(parts)
 
 
-def batches(inputs: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Return a prefetching tf.data pipeline of ``(inputs[i], labels[i])`` batches in the given order.
+class BatchFeeder:
+    """A prefetching tf.data pipeline over one input array, built once and given a new order each epoch.
 
     Rows are gathered batch by batch, so a memory-mapped feature file is read
     from disk as training goes instead of being copied into memory whole.
+    The gather runs in Python. TensorFlow keeps every Python function a
+    pipeline registers for the life of the process, so a worker that built a
+    new pipeline for every epoch grew from trial to trial. One pipeline per
+    array, reused, does not.
     """
-    shape = inputs.shape[1:]
 
-    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(inputs[index], dtype=np.float32), labels[index].astype(np.int64)
+    def __init__(self, inputs: np.ndarray) -> None:
+        self.inputs = inputs
+        self._order = np.zeros(0, dtype=np.int64)
+        self._labels = np.zeros(0, dtype=np.int64)
+        self._batch_size = 1
+        signature = (tf.TensorSpec((None, *inputs.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int64))
+        self.dataset = tf.data.Dataset.from_generator(self._generate, output_signature=signature).prefetch(tf.data.AUTOTUNE)
 
-    def load(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x, y = tf.numpy_function(gather, [index], (tf.float32, tf.int64))
-        x.set_shape((None, *shape))
-        y.set_shape((None,))
-        return x, y
+    def epoch(self, labels: np.ndarray, order: np.ndarray, batch_size: int) -> tf.data.Dataset:
+        """Return the pipeline, which yields ``(inputs[i], labels[i])`` batches in ``order`` when iterated."""
+        self._order, self._labels, self._batch_size = order, labels, batch_size
+        return self.dataset
 
-    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(batch_size).map(load)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    def _generate(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order, labels, size = self._order, self._labels, self._batch_size
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            yield np.asarray(self.inputs[index], dtype=np.float32), labels[index].astype(np.int64)
 
 
 class FoldTrainer:
-    """Trains one trial's configuration on fold after fold, reusing its models.
+    """Trains one trial's configuration on fold after fold.
 
-    The model is built once per trial and its initial weights are restored
-    before every fold, so each fold starts from the same state. Models trained
-    on cached features are compiled once per phase and only have their optimizer
-    state cleared between folds: compiling traces new TensorFlow functions, which
-    costs more than the training itself on small inputs. The uncached path
-    compiles the whole network for every phase of every fold, as a hand-written
-    Keras loop does.
+    Every fold starts from the same state: the base weights and the trial's
+    initial head. Above a cached cut, the models and their traced steps come
+    from a :class:`~sweep.network.Network` that the caller may share with
+    later trials, so only the first trial with a given cut pays for tracing.
+    The uncached path traces its steps anew for every phase of every fold,
+    as compiling a Keras model does in a hand-written loop.
 
     Args:
         config: The study configuration (model and training sections).
@@ -154,8 +172,10 @@ class FoldTrainer:
         source: Where inputs come from for each cut.
         n_classes: Number of classes.
         base_weights: VGG16 base weights, or None for random initialisation.
+            Ignored when ``network`` is given, which holds its own.
         seed: Seed of the head initialisation and dropout.
         precision: Keras dtype policy of the model.
+        network: The worker's shared network; None builds one for this trial alone.
     """
 
     def __init__(
@@ -167,19 +187,38 @@ class FoldTrainer:
         base_weights: list[np.ndarray] | None,
         seed: int,
         precision: str = "float32",
+        network: Network | None = None,
     ) -> None:
         self.config = config
         self.params = params
         self.source = source
-        self.precision = precision
+        self.cached = source.cached and not config.train.augment
         keras.utils.set_random_seed(seed)
-        with dtype_policy(precision):
-            self.model = build_model(n_classes, config.model.input_size, base_weights, params, config.model.pooling, seed=seed, augment=config.train.augment)
-        self.initial_weights = self.model.get_weights()
-        self.compiled: dict[int, keras.Model] = {}
+        if network is None:
+            network = Network(
+                n_classes,
+                config.model.input_size,
+                base_weights,
+                config.train,
+                config.model.pooling,
+                precision,
+                head_width=params.head_units,
+                max_unfreeze=params.unfreeze_layers,
+                augment=config.train.augment,
+            )
+        self.network = network
+        self.head = network.head_start(params, seed)
+
+    @property
+    def model(self) -> keras.Model:
+        """A plain Keras model with the trial's head width and the weights as trained so far."""
+        return self.network.export(self.params)
 
     def train(self, fold: FoldData, seed: int, on_epoch: Callable[[EpochResult], None] | None = None) -> FoldResult:
         """Train on one fold in two phases and score every epoch.
+
+        Training metrics come from the training pass itself, as Keras reports
+        them: dropout is active and the weights change from batch to batch.
 
         Args:
             fold: The fold's training and validation indices and all labels.
@@ -190,43 +229,27 @@ class FoldTrainer:
             The fold's epochs. Training stops early when the loss becomes NaN or infinite.
         """
         started = time.perf_counter()
-        self.model.set_weights(self.initial_weights)
+        self.network.restart(self.head)
         order_rng = np.random.default_rng(seed)
         result = FoldResult()
         config, params = self.config, self.params
         phases = ((1, config.train.warmup_epochs, config.train.warmup_learning_rate, 0.0), (2, config.train.epochs, params.learning_rate, params.decay))
-        # The policy stays set while training so that models cut from the full one
-        # compile as mixed precision too (mixed_float16 then gets loss scaling).
-        with dtype_policy(self.precision):
-            for phase, epochs, learning_rate, decay in phases:
-                if epochs == 0:
-                    continue
-                freeze_for_phase(self.model, phase, params.unfreeze_layers)
-                trained, inputs = self._phase_model(phase, learning_rate, decay)
-                if self._run_phase(trained, inputs, fold, phase, epochs, order_rng, result, on_epoch):
-                    break
+        for phase, epochs, learning_rate, decay in phases:
+            if epochs == 0:
+                continue
+            convolutions = trained_convolutions(phase, params.unfreeze_layers)
+            cut = cut_layer(phase, params.unfreeze_layers) if self.cached else None
+            steps = self.network.step_functions(cut, convolutions, keep=self.cached)
+            self.network.start_phase(learning_rate, decay)
+            if self._run_phase(steps, self.source.feeder(cut), fold, phase, epochs, order_rng, result, on_epoch):
+                break
         result.duration_s = time.perf_counter() - started
         return result
 
-    def _phase_model(self, phase: int, learning_rate: float, decay: float) -> tuple[keras.Model, np.ndarray]:
-        cut = None if self.config.train.augment else cut_layer(phase, self.params.unfreeze_layers)
-        inputs = self.source.inputs(cut)
-        if cut is None or not self.source.cached:
-            self.model.compile(optimizer=make_optimizer(self.config.train, learning_rate, decay), loss="sparse_categorical_crossentropy")
-            return self.model, inputs
-        trained = self.compiled.get(phase)
-        if trained is None:
-            trained = suffix_model(self.model, cut)
-            trained.compile(optimizer=make_optimizer(self.config.train, learning_rate, decay), loss="sparse_categorical_crossentropy")
-            self.compiled[phase] = trained
-        elif trained.optimizer.built:
-            _reset_optimizer(trained.optimizer)
-        return trained, inputs
-
     def _run_phase(
         self,
-        trained: keras.Model,
-        inputs: np.ndarray,
+        steps: tuple[TrainStep, PredictStep],
+        feeder: BatchFeeder,
         fold: FoldData,
         phase: int,
         epochs: int,
@@ -235,17 +258,31 @@ class FoldTrainer:
         on_epoch: Callable[[EpochResult], None] | None,
     ) -> bool:
         """Train one phase; return True when the loss diverged and the fold must stop."""
+        train_step, predict_step = steps
         stopping = self.config.train.early_stopping if phase == 2 else None
         best, waited = math.inf, 0
         for _ in range(epochs):
             epoch_started = time.perf_counter()
             order = order_rng.permutation(fold.train_index)
-            history = trained.fit(batches(inputs, fold.labels, order, self.config.train.batch_size), epochs=1, shuffle=False, verbose=0)
-            loss = history.history["loss"][-1]
-            epoch, result.val_probabilities = _score_epoch(trained, inputs, fold, phase, len(result.epochs) + 1, time.perf_counter() - epoch_started)
+            losses, parts = [], []
+            for x, y in feeder.epoch(fold.labels, order, self.config.train.batch_size):
+                loss, probabilities = train_step(x, y)
+                losses.append(float(loss))
+                parts.append(probabilities.numpy())
+            duration = time.perf_counter() - epoch_started
+            result.val_probabilities = _predict(predict_step, feeder.inputs, fold.val_index, self.network.n_classes)
+            epoch = EpochResult(
+                epoch=len(result.epochs) + 1,
+                phase=phase,
+                learning_rate=self.network.learning_rate,
+                duration_s=duration,
+                train=_metrics_or_nan(fold.labels[order], np.concatenate(parts)),
+                val=_metrics_or_nan(fold.labels[fold.val_index], result.val_probabilities),
+            )
             result.epochs.append(epoch)
             if on_epoch is not None:
                 on_epoch(epoch)
+            loss = float(np.mean(losses))
             if not math.isfinite(loss) or not np.isfinite(result.val_probabilities).all():
                 logger.warning("training loss became %s in phase %d; the fold stops here", loss, phase)
                 result.diverged = True
@@ -277,25 +314,13 @@ def train_fold(
     return FoldTrainer(config, params, source, n_classes, base_weights, seed, precision).train(fold, seed, on_epoch)
 
 
-def _reset_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
-    """Zero the step counter and the moment estimates, as in a newly created optimizer."""
-    for variable in optimizer.variables:
-        name = variable.path.rsplit("/", 1)[-1]
-        if name == "iteration" or name.endswith(("_momentum", "_velocity")):
-            variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))
-
-
-def _score_epoch(model: keras.Model, inputs: np.ndarray, fold: FoldData, phase: int, number: int, duration_s: float) -> tuple[EpochResult, np.ndarray]:
-    val_probabilities = predict_proba(model, inputs, fold.val_index)
-    epoch = EpochResult(
-        epoch=number,
-        phase=phase,
-        learning_rate=float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
-        duration_s=duration_s,
-        train=classification_metrics(fold.labels[fold.train_index], predict_proba(model, inputs, fold.train_index)),
-        val=_metrics_or_nan(fold.labels[fold.val_index], val_probabilities),
-    )
-    return epoch, val_probabilities
+def _predict(predict_step: PredictStep, inputs: np.ndarray, index: np.ndarray, n_classes: int, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Return class probabilities of ``inputs[index]`` from a traced prediction step, batch by batch."""
+    parts = [np.zeros((0, n_classes), dtype=np.float32)]
+    for start in range(0, len(index), batch_size):
+        batch = np.asarray(inputs[index[start : start + batch_size]], dtype=np.float32)
+        parts.append(np.asarray(predict_step(tf.constant(batch)), dtype=np.float32))
+    return np.concatenate(parts)
 
 
 def _metrics_or_nan(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,11 @@ from sklearn.metrics import confusion_matrix
 from sweep.config import Config, FloatRange, IntRange, SearchSection
 from sweep.data import Dataset
 from sweep.doctor import prepare_dataset
-from sweep.features import CacheKey, FeatureCache, weights_fingerprint
+from sweep.features import CacheKey, FeatureCache, cuts_for_config, weights_fingerprint
 from sweep.folds import iter_folds
 from sweep.health import fold_flags, trial_health
 from sweep.model import HyperParameters, build_model, dtype_policy, prefix_model
+from sweep.network import Network
 from sweep.precision import resolve_precision
 from sweep.preprocess import PREPROCESSING, prepare_images
 from sweep.store import METRICS, Store
@@ -104,6 +105,31 @@ class TrialContext:
     source: InputSource
     store: Store
     cache_state: str
+    network: Network | None = None
+
+    def shared_network(self) -> Network | None:
+        """Return the network every cached trial of this worker trains, built on first use; None when the cache is off."""
+        if self.cache_state != "on":
+            return None
+        if self.network is None:
+            search = self.config.search
+            self.network = Network(
+                self.dataset.n_classes,
+                self.config.model.input_size,
+                self.base_weights,
+                self.config.train,
+                self.config.model.pooling,
+                self.precision,
+                head_width=int(_highest(search.head_units)),
+                max_unfreeze=int(_highest(search.unfreeze_layers)),
+            )
+            low = search.unfreeze_layers.low if isinstance(search.unfreeze_layers, FloatRange) else search.unfreeze_layers
+            self.network.prepare(range(int(low), int(_highest(search.unfreeze_layers)) + 1), self.config.train.batch_size)
+        return self.network
+
+
+def _highest(spec: IntRange | FloatRange | float | int) -> float:
+    return spec.high if isinstance(spec, (IntRange, FloatRange)) else spec
 
 
 def make_context(config: Config, store: Store) -> TrialContext:
@@ -133,10 +159,10 @@ def make_context(config: Config, store: Store) -> TrialContext:
             preprocessing=PREPROCESSING,
             precision=precision,
         )
-        cache = FeatureCache(config.study.folder / "features", key)
+        cache = FeatureCache(config.study.folder / "features", key, together=cuts_for_config(config))
 
         def features(cut: str) -> np.ndarray:
-            return cache.get(cut, len(dataset), lambda out: _fill_features(config, base_weights, precision, images(), cut, out))
+            return cache.get(cut, len(dataset), lambda outputs: _fill_features(config, base_weights, precision, images(), outputs))
 
     return TrialContext(config, dataset, assignment, base_weights, precision, InputSource(images, features), store, cache_state)
 
@@ -147,15 +173,19 @@ def _cache_state(config: Config) -> str:
     return "on" if config.cache.enabled else "off (cache.enabled is false)"
 
 
-def _fill_features(config: Config, base_weights: list[np.ndarray] | None, precision: str, images: np.ndarray, cut: str, out: np.ndarray) -> None:
+def _fill_features(config: Config, base_weights: list[np.ndarray] | None, precision: str, images: np.ndarray, outputs: dict[str, np.memmap]) -> None:
+    """Run the frozen base once over all images and write the output of every cut in ``outputs``."""
     params = HyperParameters(learning_rate=1e-3, decay=0.0, head_units=1, dropout=0.0, unfreeze_layers=0)
+    cuts = list(outputs)
     with dtype_policy(precision):
         model = build_model(2, config.model.input_size, base_weights, params, config.model.pooling)
-        prefix = prefix_model(model, cut)
-        index = np.arange(len(images))
+        prefix = prefix_model(model, cuts)
         for start in range(0, len(images), FEATURE_BATCH):
-            part = index[start : start + FEATURE_BATCH]
-            out[part] = np.asarray(prefix.predict_on_batch(images[part]), dtype=np.float32)
+            part = slice(start, start + FEATURE_BATCH)
+            predicted = prefix.predict_on_batch(images[part])
+            # A model with a one-element output list returns a bare array.
+            for cut, values in zip(cuts, predicted if len(cuts) > 1 else [predicted], strict=True):
+                outputs[cut][part] = np.asarray(values, dtype=np.float32)
     del model, prefix
     keras.backend.clear_session()
 
@@ -182,17 +212,18 @@ class Objective:
         folds: list[dict[str, float]] = []
         n_folds = int(context.assignment.max()) + 1
         self.fold_flags: list[list[str]] = []
-        trainer = FoldTrainer(
-            config, params, context.source, context.dataset.n_classes, context.base_weights, config.study.seed * 1_000_003 + trial.number, context.precision
-        )
+        network = context.shared_network()
+        seed = config.study.seed * 1_000_003 + trial.number
+        trainer = FoldTrainer(config, params, context.source, context.dataset.n_classes, context.base_weights, seed, context.precision, network)
         try:
             for fold, train_index, val_index in iter_folds(context.assignment):
                 folds.append(self._run_fold(trial, trainer, fold, FoldData(train_index, val_index, context.dataset.labels), label))
                 self._report(trial, folds, fold, n_folds, label)
         finally:
-            # The trainer's models are reused across folds, so the session is cleared once the trial ends.
             del trainer
-            keras.backend.clear_session()
+            if network is None:
+                # A trial's own models are dropped with it; the shared network stays for the next trial.
+                keras.backend.clear_session()
         return self._finish(trial, folds, label)
 
     def _report(self, trial: optuna.Trial, folds: list[dict[str, float]], fold: int, n_folds: int, label: str) -> None:
@@ -205,6 +236,7 @@ class Objective:
         trial.report(running, step=fold)
         if fold + 1 < n_folds and trial.should_prune():
             trial.set_user_attr("rss_mb", resident_memory_mb())
+            trial.set_user_attr("anon_mb", anonymous_memory_mb())
             logger.info("%s pruned after fold %d: running mean %s %.4f", label, fold + 1, config.study.objective, running)
             raise optuna.TrialPruned()
 
@@ -263,6 +295,7 @@ class Objective:
             trial.set_user_attr(f"val_{metric}_mean", float(np.mean(values)))
             trial.set_user_attr(f"val_{metric}_std", float(np.std(values)))
         trial.set_user_attr("rss_mb", resident_memory_mb())
+        trial.set_user_attr("anon_mb", anonymous_memory_mb())
         mean = float(np.mean([f[objective] for f in folds]))
         std = float(np.std([f[objective] for f in folds]))
         logger.info("%s done: %s %.4f ± %.4f over %d folds; elapsed %s", label, objective, mean, std, len(folds), _elapsed(self.started))
@@ -271,8 +304,24 @@ class Objective:
         return mean
 
 
+def anonymous_memory_mb() -> float:
+    """Return this process's resident memory less the pages mapped from files, in MiB.
+
+    Pages of the memory-mapped feature files count as resident once read, but
+    the kernel can drop them at any time. Only anonymous memory shows a leak.
+    Where /proc is missing, this returns :func:`resident_memory_mb`.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resident_memory_mb()
+
+
 class _Recycle:
-    """Stops this worker's optimize loop after its share of trials or once its memory has grown."""
+    """Stops this worker's optimize loop after its share of trials or once its anonymous memory has grown."""
 
     def __init__(self, max_trials: int, growth: float) -> None:
         self.max_trials = max_trials
@@ -282,7 +331,7 @@ class _Recycle:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.count += 1
-        rss = resident_memory_mb()
+        rss = anonymous_memory_mb()
         if self.baseline is None:
             self.baseline = rss
         if self.count >= self.max_trials:
@@ -305,10 +354,7 @@ def run_trials(config: Config, max_new: int, started: float, deadline: float | N
     store = Store(config.study.storage_url)
     try:
         context = make_context(config, store)
-        storage = optuna.storages.RDBStorage(config.study.storage_url)
-        study_id = storage.get_study_id_from_name(config.study.name)
-        n_existing = len(storage.get_all_trials(study_id, deepcopy=False))
-        study = optuna.load_study(study_name=config.study.name, storage=storage, sampler=_sampler(config, n_existing), pruner=_pruner(config))
+        study = optuna.load_study(study_name=config.study.name, storage=config.study.storage_url, sampler=_sampler(config), pruner=_pruner(config))
         callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(config.study.n_trials, states=(TrialState.COMPLETE,))
         ]
@@ -321,15 +367,53 @@ def run_trials(config: Config, max_new: int, started: float, deadline: float | N
         store.dispose()
 
 
-def _sampler(config: Config, n_existing: int) -> optuna.samplers.BaseSampler:
-    # Each worker seeds its sampler with the number of trials before it, so a
-    # fresh worker does not replay the random draws of the one it replaces.
-    # NOTE: a restart triggered by memory growth moves that seed, so two runs of
-    # one config can sample different trials. Only restarts by count are reproducible.
-    seed = config.study.seed + 7919 * n_existing
+def _sampler(config: Config) -> optuna.samplers.BaseSampler:
     if config.study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+        return TrialSeededSampler(optuna.samplers.RandomSampler, config.study.seed)
+    return TrialSeededSampler(optuna.samplers.TPESampler, config.study.seed)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Runs each trial on a fresh sampler seeded with the study seed plus the trial number.
+
+    A seeded Optuna sampler draws from one random sequence, so what trial n
+    samples would depend on how many trials the same process drew before, and
+    a replaced worker would start the sequence again. Seeding per trial makes
+    a study's trials the same however many worker processes ran them. TPE
+    reads the finished trials from the storage, so a fresh instance loses nothing.
+
+    Args:
+        make: Creates a sampler from a seed, such as ``optuna.samplers.TPESampler``.
+        seed: The study seed.
+    """
+
+    def __init__(self, make: Callable[..., optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._sampler = make(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._sampler = self._make(seed=self._seed + trial.number)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]
+    ) -> dict[str, object]:
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str, param_distribution: optuna.distributions.BaseDistribution
+    ) -> object:
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
 
 
 def _pruner(config: Config) -> optuna.pruners.BasePruner:

@@ -41,8 +41,9 @@ def test_weights_fingerprint() -> None:
 def test_cache_computes_once(tmp_path: Path) -> None:
     calls: list[int] = []
 
-    def fill(out: np.ndarray) -> None:
+    def fill(outputs: dict[str, np.ndarray]) -> None:
         calls.append(1)
+        out = outputs["block5_pool"]
         out[:] = np.arange(out.size, dtype=np.float32).reshape(out.shape)
 
     cache = FeatureCache(tmp_path, KEY)
@@ -57,8 +58,8 @@ def test_cache_computes_once(tmp_path: Path) -> None:
 
 def test_cache_invalidated_when_key_changes(tmp_path: Path) -> None:
     def fill(value: float) -> object:
-        def write(out: np.ndarray) -> None:
-            out[:] = value
+        def write(outputs: dict[str, np.ndarray]) -> None:
+            outputs["block5_pool"][:] = value
 
         return write
 
@@ -67,6 +68,28 @@ def test_cache_invalidated_when_key_changes(tmp_path: Path) -> None:
     features = FeatureCache(tmp_path, changed).get("block5_pool", 2, fill(2.0))
     assert float(features[0, 0, 0, 0]) == 2.0
     assert [p.name for p in tmp_path.glob("block5_pool-*.npy")] == [f"block5_pool-{changed.digest('block5_pool')}.npy"]
+
+
+def test_cuts_stored_together_in_one_pass(tmp_path: Path) -> None:
+    params = HyperParameters(learning_rate=1e-3, decay=0.0, head_units=4, dropout=0.0, unfreeze_layers=0)
+    model = build_model(2, 32, None, params, seed=2)
+    images = prepare_images(make_images(6)[0], 32)
+    cuts = ["block4_conv2", "block4_pool", "block5_pool"]
+    calls: list[list[str]] = []
+
+    def fill(outputs: dict[str, np.ndarray]) -> None:
+        calls.append(list(outputs))
+        for cut, values in zip(outputs, prefix_model(model, list(outputs)).predict_on_batch(images), strict=True):
+            outputs[cut][:] = values
+
+    cache = FeatureCache(tmp_path, KEY, together=cuts)
+    stored = cache.get("block5_pool", 6, fill)
+    for cut in cuts:
+        alone = prefix_model(model, cut).predict_on_batch(images)
+        assert np.allclose(cache.get(cut, 6, fill), alone, rtol=1e-5, atol=1e-6), cut
+    assert calls == [cuts]
+    assert stored.shape == (6, 1, 1, 512)
+    assert not list(tmp_path.glob("*.partial.npy"))
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -114,9 +137,9 @@ def test_cached_training_matches_uncached(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, KEY)
 
     def features(cut: str) -> np.ndarray:
-        def fill(out: np.ndarray) -> None:
+        def fill(outputs: dict[str, np.ndarray]) -> None:
             model = build_model(2, 32, base_weights, params)
-            out[:] = prefix_model(model, cut).predict_on_batch(prepared)
+            outputs[cut][:] = prefix_model(model, cut).predict_on_batch(prepared)
 
         return cache.get(cut, len(prepared), fill)
 
@@ -136,8 +159,8 @@ def test_reused_trainer_matches_fresh_uncached_folds(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, KEY)
 
     def features(cut: str) -> np.ndarray:
-        def fill(out: np.ndarray) -> None:
-            out[:] = prefix_model(build_model(2, 32, base_weights, params), cut).predict_on_batch(prepared)
+        def fill(outputs: dict[str, np.ndarray]) -> None:
+            outputs[cut][:] = prefix_model(build_model(2, 32, base_weights, params), cut).predict_on_batch(prepared)
 
         return cache.get(cut, len(prepared), fill)
 

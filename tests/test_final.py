@@ -111,11 +111,12 @@ def test_saved_model_predicts_like_in_memory(tmp_path: Path) -> None:
     params = HyperParameters(learning_rate=1e-4, decay=0.0, head_units=8, dropout=0.2, unfreeze_layers=2)
     trainer = FoldTrainer(config, params, InputSource(lambda: prepared), 2, None, seed=0)
     trainer.train(FoldData(np.arange(24), np.zeros(0, dtype=np.int64), labels), seed=0)
-    save_model(trainer.model, tmp_path / "model.keras")
+    model = trainer.model
+    save_model(model, tmp_path / "model.keras")
     reloaded = keras.models.load_model(tmp_path / "model.keras")
-    assert (tmp_path / "model.keras").stat().st_size < 1.2 * sum(w.nbytes for w in trainer.model.get_weights())
+    assert (tmp_path / "model.keras").stat().st_size < 1.2 * sum(w.nbytes for w in model.get_weights())
     index = np.arange(24)
-    assert np.array_equal(predict_proba(trainer.model, prepared, index), predict_proba(reloaded, prepared, index))
+    assert np.array_equal(predict_proba(model, prepared, index), predict_proba(reloaded, prepared, index))
 
 
 def test_preprocessing_round_trip(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from keras.applications import vgg16
 
 from sweep.config import TrainSection
 from sweep.metrics import classification_metrics
-from sweep.model import HyperParameters, build_model, conv_layers, freeze_for_phase, make_optimizer, trainable_layer_names
+from sweep.model import HyperParameters, build_model, conv_layers, make_optimizer, trained_convolutions
+from sweep.network import Network
 from sweep.preprocess import prepare_images
 
 PARAMS = HyperParameters(learning_rate=1e-4, decay=1e-3, head_units=8, dropout=0.2, unfreeze_layers=3)
@@ -17,33 +18,37 @@ HEAD = ["head_dense", "head_output"]
 
 
 @pytest.fixture(scope="module")
-def model() -> keras.Model:
-    return build_model(2, 32, None, PARAMS)
+def network() -> Network:
+    return Network(2, 32, None, TrainSection(), "avg", "float32", head_width=8, max_unfreeze=13)
 
 
-def test_phase1_trains_head_only(model: keras.Model) -> None:
-    freeze_for_phase(model, 1, unfreeze_layers=3)
-    assert trainable_layer_names(model) == HEAD
+def _names(network: Network, convolutions: tuple[str, ...]) -> list[str]:
+    return sorted({variable.path.split("/")[0] for variable in network.variables(convolutions)})
 
 
-def test_phase2_unfreezes_top_convolutions(model: keras.Model) -> None:
-    freeze_for_phase(model, 2, unfreeze_layers=3)
-    assert trainable_layer_names(model) == ["block5_conv1", "block5_conv2", "block5_conv3", *HEAD]
-    n_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+def test_phase1_trains_head_only(network: Network) -> None:
+    assert trained_convolutions(1, unfreeze_layers=3) == ()
+    assert _names(network, trained_convolutions(1, 3)) == HEAD
+
+
+def test_phase2_unfreezes_top_convolutions(network: Network) -> None:
+    convolutions = trained_convolutions(2, unfreeze_layers=3)
+    assert convolutions == ("block5_conv1", "block5_conv2", "block5_conv3")
+    assert _names(network, convolutions) == sorted(["block5_conv1", "block5_conv2", "block5_conv3", *HEAD])
+    n_trainable = sum(int(np.prod(w.shape)) for w in network.variables(convolutions))
     expected = 3 * (3 * 3 * 512 * 512 + 512) + (512 * 8 + 8) + (8 * 2 + 2)
     assert n_trainable == expected
 
 
-def test_phase2_zero_layers_is_head_only(model: keras.Model) -> None:
-    freeze_for_phase(model, 2, unfreeze_layers=0)
-    assert trainable_layer_names(model) == HEAD
+def test_phase2_zero_layers_is_head_only() -> None:
+    assert trained_convolutions(2, unfreeze_layers=0) == ()
 
 
-def test_phase2_all_layers(model: keras.Model) -> None:
-    freeze_for_phase(model, 2, unfreeze_layers=13)
-    assert len(conv_layers(model)) == 13
-    assert trainable_layer_names(model)[:2] == ["block1_conv1", "block1_conv2"]
-    assert len(trainable_layer_names(model)) == 15
+def test_phase2_all_layers(network: Network) -> None:
+    convolutions = trained_convolutions(2, unfreeze_layers=13)
+    assert len(convolutions) == 13
+    assert convolutions[:2] == ("block1_conv1", "block1_conv2")
+    assert len(network.variables(convolutions)) == 2 * 13 + 4
 
 
 def test_base_weights_are_loaded() -> None:

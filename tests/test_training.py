@@ -10,7 +10,7 @@ from conftest import make_images
 from sweep.config import config_from_dict
 from sweep.model import HyperParameters, conv_layers
 from sweep.preprocess import prepare_images
-from sweep.training import FoldData, InputSource, train_fold
+from sweep.training import FoldData, FoldTrainer, InputSource, train_fold
 
 PARAMS = HyperParameters(learning_rate=1e-3, decay=1e-3, head_units=8, dropout=0.0, unfreeze_layers=2)
 
@@ -28,29 +28,15 @@ def base_weights() -> list[np.ndarray]:
     return keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).get_weights()
 
 
-def _snapshot(model_weights: list[np.ndarray]) -> list[np.ndarray]:
-    return [w.copy() for w in model_weights]
-
-
-def test_phases_change_only_trainable_layers(data: tuple[FoldData, InputSource], base_weights: list[np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
-    captured: dict[str, keras.Model] = {}
-    import sweep.training as training
-
-    original = training.build_model
-
-    def build_and_keep(*args: object, **kwargs: object) -> keras.Model:
-        captured["model"] = original(*args, **kwargs)  # type: ignore[arg-type]
-        return captured["model"]
-
-    monkeypatch.setattr(training, "build_model", build_and_keep)
+def test_phases_change_only_trainable_layers(data: tuple[FoldData, InputSource], base_weights: list[np.ndarray]) -> None:
+    config = config_from_dict({"train": {"warmup_epochs": 1, "epochs": 1, "batch_size": 8}, "model": {"weights": "none"}})
+    trainer = FoldTrainer(config, PARAMS, data[1], 2, base_weights, seed=1)
     snapshots: list[list[np.ndarray]] = []
 
     def after_epoch(_: object) -> None:
-        snapshots.append(_snapshot([layer.get_weights()[0] for layer in conv_layers(captured["model"])]))
+        snapshots.append([layer.get_weights()[0].copy() for layer in conv_layers(trainer.model)])
 
-    config = config_from_dict({"train": {"warmup_epochs": 1, "epochs": 1, "batch_size": 8}, "model": {"weights": "none"}})
-    train_fold(config, PARAMS, *data, 2, base_weights, seed=1, on_epoch=after_epoch)
-
+    trainer.train(data[0], seed=1, on_epoch=after_epoch)
     initial = [base_weights[2 * i] for i in range(13)]
     after_phase1, after_phase2 = snapshots
     assert all(np.array_equal(a, b) for a, b in zip(initial, after_phase1, strict=True))
