@@ -172,7 +172,7 @@ class FoldTrainer:
         source: Where inputs come from for each cut.
         n_classes: Number of classes.
         base_weights: VGG16 base weights, or None for random initialisation.
-            Ignored when ``network`` is given, which holds its own.
+            Ignored when ``network`` is given, because it has its own.
         seed: Seed of the head initialisation and dropout.
         precision: Keras dtype policy of the model.
         network: The worker's shared network; None builds one for this trial alone.

@@ -60,7 +60,7 @@ def test_padded_head_starts_as_the_exact_one(base_weights: list[np.ndarray], pre
     assert float(network.head_mask.mask.numpy().sum()) == 12.0
 
 
-def test_masked_units_stay_zero_and_export_predicts_the_same(base_weights: list[np.ndarray], prepared: tuple[np.ndarray, np.ndarray]) -> None:
+def test_masked_units_and_export(base_weights: list[np.ndarray], prepared: tuple[np.ndarray, np.ndarray]) -> None:
     images, labels = prepared
     params = HyperParameters(learning_rate=1e-3, decay=0.0, head_units=8, dropout=0.2, unfreeze_layers=2)
     trainer = FoldTrainer(CONFIG, params, InputSource(lambda: images), 2, None, seed=1, network=_network(base_weights))

@@ -24,7 +24,7 @@ def _params(make_sampler: Callable[[], optuna.samplers.BaseSampler], shares: lis
     return [trial.params for trial in optuna.load_study(study_name="s", storage=storage).trials]
 
 
-def test_trials_sample_the_same_however_many_workers_ran_them() -> None:
+def test_sampling_independent_of_workers() -> None:
     # 14 trials: the 10 random start-up trials of TPE and 4 sampled from its model.
     one_worker = _params(lambda: TrialSeededSampler(optuna.samplers.TPESampler, 0), [14])
     three_workers = _params(lambda: TrialSeededSampler(optuna.samplers.TPESampler, 0), [3, 5, 6])
@@ -33,7 +33,7 @@ def test_trials_sample_the_same_however_many_workers_ran_them() -> None:
     assert len({p["learning_rate"] for p in one_worker}) == 14
 
 
-def test_a_plain_seeded_sampler_repeats_itself_in_each_worker() -> None:
+def test_plain_sampler_repeats_after_restart() -> None:
     # What the wrapper prevents: each new worker's sampler starts the same random sequence again.
     restarted = _params(lambda: optuna.samplers.TPESampler(seed=0), [3, 3])
     assert restarted[0] == restarted[3]
