@@ -13,10 +13,14 @@ Usage:
     python benchmarks/bench_sweep.py --trials 20 --modes sweep   # memory per trial
     python benchmarks/bench_sweep.py --modes sweep,sweep-float32  # what bfloat16 changes
 
-Trials per hour count every trial a way ran to its end, completed or pruned,
-as Optuna counts trials: a pruned trial is a configuration tried and rejected.
-Both ways run until the study has the same number of completed trials. The
-table also gives completed trials per hour, and the line before the last their ratio.
+Both ways run the same number of trials, pruned ones included, as Optuna
+counts them. The sampler draws trial n with seed ``study.seed + n`` and TPE
+samples its first 10 trials at random, so up to 10 trials both ways try the
+same configurations. The naive way trains every one to the end; sweep's way
+prunes some after a fold. Trials per hour therefore count configurations
+tried, completed or rejected, and the best CV AUC shows whether pruning lost
+the best one. The table also gives completed trials per hour, and the line
+before the last their ratio.
 
 The last line is ``speedup: N.Nx``: trials per hour of sweep's way over the naive way.
 """
@@ -43,7 +47,15 @@ def study_config(args: argparse.Namespace, folder: Path, mode: str) -> dict[str,
     """Return the config of one mode; only how the work is done differs between the modes."""
     data_dir = os.environ.get("SWEEP_DATA_DIR") or str(REPO.parent / "shared" / "data")
     config: dict[str, Any] = {
-        "study": {"name": f"bench-{mode}", "dir": str(folder / mode), "n_trials": args.trials, "seed": 0, "sampler": "tpe"},
+        "study": {
+            "name": f"bench-{mode}",
+            "dir": str(folder / mode),
+            "n_trials": args.trials,
+            # Pruned trials count towards the limit, so both ways run the same trials.
+            "max_trials": args.trials,
+            "seed": 0,
+            "sampler": "tpe",
+        },
         "cv": {"folds": args.folds},
         "data": {"source": "medmnist", "path": str(Path(data_dir) / "pneumoniamnist.npz"), "limit": args.limit},
         "model": {"input_size": args.size, "weights": "imagenet"},
@@ -86,6 +98,7 @@ def run_mode(config_path: Path) -> dict[str, Any]:
     wall = time.perf_counter() - started
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
@@ -95,8 +108,9 @@ def run_mode(config_path: Path) -> dict[str, Any]:
         "pruned": sum(t.state.name == "PRUNED" for t in trials),
         "best_auc": study.best_value if complete else float("nan"),
         "peak_rss_mb": max(own, children),
-        "rss_by_trial": [(t.number, t.user_attrs.get("rss_mb")) for t in complete],
-        "anon_by_trial": [(t.number, t.user_attrs.get("anon_mb")) for t in complete],
+        "rss_by_trial": [(t.number, t.user_attrs.get("rss_mb")) for t in finished],
+        "anon_by_trial": [(t.number, t.user_attrs.get("anon_mb")) for t in finished],
+        "workers": len({t.user_attrs.get("worker") for t in finished}),
         "precision": complete[0].user_attrs.get("precision", "") if complete else "",
     }
 
@@ -171,7 +185,7 @@ def cached_step_rate(size: int, precision: str, unfreeze: int) -> tuple[float, f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8, help="completed trials per study (default 8)")
+    parser.add_argument("--trials", type=int, default=8, help="trials per study, pruned ones included (default 8)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64, help="input size in pixels (default 64)")
     parser.add_argument("--limit", type=int, default=450, help="images drawn from PneumoniaMNIST (default 450: 300 training images per fold)")
@@ -220,7 +234,7 @@ def main() -> int:
 
 
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
-    print(f"\nstudy: PneumoniaMNIST, {args.limit} images at {args.size} px, {args.trials} completed trials, {args.folds} folds, "
+    print(f"\nstudy: PneumoniaMNIST, {args.limit} images at {args.size} px, {args.trials} trials, {args.folds} folds, "
           f"{args.warmup}+{args.epochs} epochs, ImageNet weights, TPE seed 0")  # fmt: skip
     header = (
         f"{'way':<14} {'wall (s)':>9} {'completed':>10} {'started':>8} {'pruned':>7} {'trials/h':>9} {'completed/h':>12} "
@@ -257,14 +271,15 @@ def _print_memory(result: dict[str, Any]) -> None:
     rss = [(n, v) for n, v in result["rss_by_trial"] if v is not None]
     if len(rss) < 2:
         return
-    print("\nworker resident memory after each completed trial (MiB): " + ", ".join(f"#{n}: {v:.0f}" for n, v in rss))
+    workers = result.get("workers", 1)
+    print(f"\nworker resident memory after each trial, pruned ones included ({workers} worker process{'es' if workers != 1 else ''}), MiB:")
+    print("  " + ", ".join(f"#{n}: {v:.0f}" for n, v in rss))
     second, last = rss[1][1], rss[-1][1]
-    print(f"completed trial {len(rss)} vs completed trial 2: {last:.0f} vs {second:.0f} MiB ({100 * (last / second - 1):+.1f}%)")
+    print(f"after trial {len(rss)} vs after trial 2: {last:.0f} vs {second:.0f} MiB ({100 * (last / second - 1):+.1f}%)")
     anon = [(n, v) for n, v in result.get("anon_by_trial", []) if v is not None]
     if len(anon) >= 2:
-        print("anonymous memory, without mapped feature files (MiB): " + ", ".join(f"#{n}: {v:.0f}" for n, v in anon))
         first, final = anon[1][1], anon[-1][1]
-        print(f"anonymous, completed trial {len(anon)} vs completed trial 2: {final:.0f} vs {first:.0f} MiB ({100 * (final / first - 1):+.1f}%)")
+        print(f"anonymous memory alone, after trial {len(anon)} vs after trial 2: {final:.0f} vs {first:.0f} MiB ({100 * (final / first - 1):+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,20 @@ class CacheSection(_Section):
 
 class RuntimeSection(_Section):
     workers: Literal["process", "inline"] = Field("process", description="Run trials in recycled worker processes, or inline in the command's own process.")
+    parallel: int | Literal["auto"] = Field(
+        1,
+        description=(
+            "Worker processes that run trials at the same time, each with an equal share of the CPU cores; "
+            "auto: one per core up to 4 on a CPU, one with a GPU. Ignored with workers: inline."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> Self:
+        if isinstance(self.parallel, int) and self.parallel < 1:
+            raise ValueError(f"runtime.parallel must be auto or an integer >= 1, but got {self.parallel}")
+        return self
+
     max_trials_per_worker: int = Field(25, ge=1, description="A worker process exits after this many trials and a fresh one continues.")
     memory_growth: float = Field(
         0.05,
@@ -335,6 +349,8 @@ def _describe(err: ValidationError, data: dict[str, Any]) -> str:
     value = first.get("input")
     if kind == "extra_forbidden":
         return _unknown_key_message(loc)
+    if loc == ["runtime", "parallel"]:
+        return f"runtime.parallel must be auto or an integer >= 1, but got {value!r}"
     if loc and loc[0] == "search" and len(loc) == 2 and not isinstance(value, dict):
         number = "an integer" if loc[1] in ("head_units", "unfreeze_layers") else "a number"
         return f"{field} must be {number} or a mapping with low, high and optional log, but got {value!r}"
@@ -376,7 +392,7 @@ def _pick_error(errors: list[Any]) -> Any:
 
 
 def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and (part in ("FloatRange", "IntRange", "float", "int") or part.startswith("function-"))
+    return isinstance(part, str) and (part in ("FloatRange", "IntRange", "float", "int") or part.startswith(("function-", "literal[")))
 
 
 def _unknown_key_message(loc: list[str]) -> str:

@@ -8,12 +8,16 @@ completed ones, the worker has run its share, or its memory has grown too much.
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 PARAM_NAMES = ("learning_rate", "decay", "head_units", "dropout", "unfreeze_layers")
 FEATURE_BATCH = 128
+# Seconds a worker waits before it looks again whether other workers' trials left room for one more.
+CLAIM_POLL_S = 1.0
 
 
 def resident_memory_mb() -> float:
@@ -112,20 +118,41 @@ class TrialContext:
         if self.cache_state != "on":
             return None
         if self.network is None:
-            search = self.config.search
-            self.network = Network(
-                self.dataset.n_classes,
-                self.config.model.input_size,
-                self.base_weights,
-                self.config.train,
-                self.config.model.pooling,
-                self.precision,
-                head_width=int(_highest(search.head_units)),
-                max_unfreeze=int(_highest(search.unfreeze_layers)),
-            )
-            low = search.unfreeze_layers.low if isinstance(search.unfreeze_layers, FloatRange) else search.unfreeze_layers
-            self.network.prepare(range(int(low), int(_highest(search.unfreeze_layers)) + 1), self.config.train.batch_size)
+            # Storing missing features is seconds of TensorFlow work, and building and
+            # tracing the network is seconds of Python on one core, so both run at once.
+            errors: list[BaseException] = []
+            store = threading.Thread(target=self._store_features, args=(errors,), name="store-features")
+            store.start()
+            try:
+                self.network = self._build_network()
+            finally:
+                store.join()
+            if errors:
+                raise errors[0]
         return self.network
+
+    def _build_network(self) -> Network:
+        search = self.config.search
+        network = Network(
+            self.dataset.n_classes,
+            self.config.model.input_size,
+            self.base_weights,
+            self.config.train,
+            self.config.model.pooling,
+            self.precision,
+            head_width=int(_highest(search.head_units)),
+            max_unfreeze=int(_highest(search.unfreeze_layers)),
+        )
+        low = search.unfreeze_layers.low if isinstance(search.unfreeze_layers, FloatRange) else search.unfreeze_layers
+        network.prepare(range(int(low), int(_highest(search.unfreeze_layers)) + 1), self.config.train.batch_size)
+        return network
+
+    def _store_features(self, errors: list[BaseException]) -> None:
+        """Store the features of every reachable cut unless they exist, and append any exception to ``errors``."""
+        try:
+            self.source.inputs(cuts_for_config(self.config)[0])
+        except BaseException as err:  # re-raised by the thread that waits for this one
+            errors.append(err)
 
 
 def _highest(spec: IntRange | FloatRange | float | int) -> float:
@@ -152,19 +179,23 @@ def make_context(config: Config, store: Store) -> TrialContext:
     cache_state = _cache_state(config)
     features = None
     if cache_state == "on":
-        key = CacheKey(
-            data=dataset.fingerprint(),
-            weights=weights_fingerprint(base_weights),
-            input_size=config.model.input_size,
-            preprocessing=PREPROCESSING,
-            precision=precision,
-        )
-        cache = FeatureCache(config.study.folder / "features", key, together=cuts_for_config(config))
+        cache = _feature_cache(config, dataset, base_weights, precision)
 
         def features(cut: str) -> np.ndarray:
             return cache.get(cut, len(dataset), lambda outputs: _fill_features(config, base_weights, precision, images(), outputs))
 
     return TrialContext(config, dataset, assignment, base_weights, precision, InputSource(images, features), store, cache_state)
+
+
+def _feature_cache(config: Config, dataset: Dataset, base_weights: list[np.ndarray] | None, precision: str) -> FeatureCache:
+    key = CacheKey(
+        data=dataset.fingerprint(),
+        weights=weights_fingerprint(base_weights),
+        input_size=config.model.input_size,
+        preprocessing=PREPROCESSING,
+        precision=precision,
+    )
+    return FeatureCache(config.study.folder / "features", key, together=cuts_for_config(config))
 
 
 def _cache_state(config: Config) -> str:
@@ -187,7 +218,9 @@ def _fill_features(config: Config, base_weights: list[np.ndarray] | None, precis
             for cut, values in zip(cuts, predicted if len(cuts) > 1 else [predicted], strict=True):
                 outputs[cut][part] = np.asarray(values, dtype=np.float32)
     del model, prefix
-    keras.backend.clear_session()
+    # Not keras.backend.clear_session(): it resets Keras's state in every thread,
+    # and the worker builds its network in another thread meanwhile.
+    gc.collect()
 
 
 class TrialDiverged(Exception):
@@ -208,6 +241,7 @@ class Objective:
         label = f"trial {_completed(trial.study) + 1}/{config.study.n_trials} (#{trial.number})"
         trial.set_user_attr("precision", context.precision)
         trial.set_user_attr("feature_cache", context.cache_state)
+        trial.set_user_attr("worker", os.getpid())
         logger.info("%s starts: %s", label, _format_params(params))
         folds: list[dict[str, float]] = []
         n_folds = int(context.assignment.max()) + 1
@@ -221,9 +255,13 @@ class Objective:
                 self._report(trial, folds, fold, n_folds, label)
         finally:
             del trainer
+            context.source.release_pages()
             if network is None:
                 # A trial's own models are dropped with it; the shared network stays for the next trial.
                 keras.backend.clear_session()
+            # Measured once the mapped pages are dropped, so that only this process's own memory counts.
+            trial.set_user_attr("rss_mb", resident_memory_mb())
+            trial.set_user_attr("anon_mb", anonymous_memory_mb())
         return self._finish(trial, folds, label)
 
     def _report(self, trial: optuna.Trial, folds: list[dict[str, float]], fold: int, n_folds: int, label: str) -> None:
@@ -235,8 +273,6 @@ class Objective:
         # trial is compared with others after the same number of folds.
         trial.report(running, step=fold)
         if fold + 1 < n_folds and trial.should_prune():
-            trial.set_user_attr("rss_mb", resident_memory_mb())
-            trial.set_user_attr("anon_mb", anonymous_memory_mb())
             logger.info("%s pruned after fold %d: running mean %s %.4f", label, fold + 1, config.study.objective, running)
             raise optuna.TrialPruned()
 
@@ -294,8 +330,6 @@ class Objective:
             values = np.array([f[metric] for f in folds], dtype=np.float64)
             trial.set_user_attr(f"val_{metric}_mean", float(np.mean(values)))
             trial.set_user_attr(f"val_{metric}_std", float(np.std(values)))
-        trial.set_user_attr("rss_mb", resident_memory_mb())
-        trial.set_user_attr("anon_mb", anonymous_memory_mb())
         mean = float(np.mean([f[objective] for f in folds]))
         std = float(np.std([f[objective] for f in folds]))
         logger.info("%s done: %s %.4f ± %.4f over %d folds; elapsed %s", label, objective, mean, std, len(folds), _elapsed(self.started))
@@ -321,7 +355,7 @@ def anonymous_memory_mb() -> float:
 
 
 class _Recycle:
-    """Stops this worker's optimize loop after its share of trials or once its anonymous memory has grown."""
+    """Tells a worker to exit after its share of trials or once its anonymous memory has grown."""
 
     def __init__(self, max_trials: int, growth: float) -> None:
         self.max_trials = max_trials
@@ -329,25 +363,32 @@ class _Recycle:
         self.baseline: float | None = None
         self.count = 0
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def after_trial(self) -> bool:
+        """Count a finished trial and return True when the worker should exit and a fresh one continue."""
         self.count += 1
         rss = anonymous_memory_mb()
         if self.baseline is None:
             self.baseline = rss
         if self.count >= self.max_trials:
             logger.debug("worker %d ran its %d trials; a fresh one continues", os.getpid(), self.count)
-            study.stop()
-        elif rss > self.baseline * (1 + self.growth):
+            return True
+        if rss > self.baseline * (1 + self.growth):
             logger.debug("worker %d grew from %.0f to %.0f MiB; a fresh one continues", os.getpid(), self.baseline, rss)
-            study.stop()
+            return True
+        return False
 
 
-def run_trials(config: Config, max_new: int, started: float, deadline: float | None) -> None:
+def run_trials(config: Config, first: int, max_new: int, started: float, deadline: float | None) -> None:
     """Run trials of the stored study in this process until one of the stop conditions holds.
+
+    Several workers may run this at once on the same study. Each claims its
+    next trial under a lock on the study folder, so that together they start
+    at most ``max_new`` trials and complete at most ``study.n_trials``.
 
     Args:
         config: The validated configuration.
-        max_new: Most trials this call may start.
+        first: Number of the first trial of this run; trials from it on count towards ``max_new``.
+        max_new: Maximum number of trials this run may start, over all its workers.
         started: ``time.time()`` at the start of the whole run, for elapsed times.
         deadline: ``time.time()`` after which no trial starts, or None.
     """
@@ -355,16 +396,63 @@ def run_trials(config: Config, max_new: int, started: float, deadline: float | N
     try:
         context = make_context(config, store)
         study = optuna.load_study(study_name=config.study.name, storage=config.study.storage_url, sampler=_sampler(config), pruner=_pruner(config))
-        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(config.study.n_trials, states=(TrialState.COMPLETE,))
-        ]
-        if config.runtime.workers == "process":
-            # Only a worker process can be replaced; inline trials run to the end.
-            callbacks.append(_Recycle(config.runtime.max_trials_per_worker, config.runtime.memory_growth))
-        timeout = None if deadline is None else max(deadline - time.time(), 0.0)
-        study.optimize(Objective(context, started), n_trials=max_new, timeout=timeout, callbacks=callbacks, catch=(TrialDiverged,))
+        objective = Objective(context, started)
+        # Only a worker process can be replaced; inline trials run to the end.
+        recycle = _Recycle(config.runtime.max_trials_per_worker, config.runtime.memory_growth) if config.runtime.workers == "process" else None
+        while (trial := _claim_trial(config, study, first, max_new, deadline)) is not None:
+            _run_trial(study, trial, objective)
+            if recycle is not None and recycle.after_trial():
+                break
     finally:
         store.dispose()
+
+
+def _claim_trial(config: Config, study: optuna.Study, first: int, max_new: int, deadline: float | None) -> optuna.Trial | None:
+    """Start the next trial, or return None when the run is done.
+
+    While other workers' trials could still bring the study to ``study.n_trials``
+    completed, this waits for them, because a pruned one leaves room for another trial.
+    """
+    while deadline is None or time.time() < deadline:
+        with _study_lock(config.study.folder):
+            trials = study.get_trials(deepcopy=False)
+            completed = sum(t.state == TrialState.COMPLETE for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if sum(t.number >= first for t in trials) >= max_new or completed >= config.study.n_trials:
+                return None
+            if completed + running < config.study.n_trials:
+                return study.ask()
+        time.sleep(CLAIM_POLL_S)
+    return None
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    """Run the objective on one trial and record how it ended, as ``Study.optimize`` does."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    except TrialDiverged as err:
+        logger.warning("trial #%d failed: %s", trial.number, err)
+        study.tell(trial, state=TrialState.FAIL)
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    else:
+        # A non-finite value is recorded as a failed trial, with Optuna's warning.
+        study.tell(trial, value)
+
+
+@contextmanager
+def _study_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the study folder, shared by every worker process of the study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".trials.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sampler(config: Config) -> optuna.samplers.BaseSampler:

@@ -7,12 +7,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import make_images
 
 from sweep.config import TrainSection, config_from_dict
 from sweep.features import CacheKey, FeatureCache
-from sweep.model import HyperParameters, build_model, prefix_model
-from sweep.network import Network
+from sweep.model import AdjustableInverseTimeDecay, HyperParameters, build_model, prefix_model
+from sweep.network import Network, apply_adam, is_plain_adam
 from sweep.preprocess import prepare_images
 from sweep.training import FoldData, FoldResult, FoldTrainer, InputSource
 
@@ -110,3 +111,44 @@ def _assert_same_epochs(a: FoldResult, b: FoldResult) -> None:
         for metric in ("loss", "accuracy", "auc"):
             assert x.val[metric] == pytest.approx(y.val[metric], rel=1e-5, abs=1e-6), (x.epoch, metric)
             assert x.train[metric] == pytest.approx(y.train[metric], rel=1e-5, abs=1e-6), (x.epoch, metric)
+
+
+def _adam_steps(fused: bool, start: list[np.ndarray], steps: list[list[np.ndarray]]) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Apply Adam steps with decay to copies of ``start``, and return the weights, the optimizer's variables and its step count."""
+    variables = [keras.Variable(value) for value in start]
+    optimizer = keras.optimizers.Adam(learning_rate=AdjustableInverseTimeDecay(1e-2, 0.5))
+    optimizer.build(variables)
+    assert is_plain_adam(optimizer)
+
+    @tf.function
+    def step(gradients: list[tf.Tensor]) -> None:
+        if fused:
+            apply_adam(optimizer, gradients, variables)
+        else:
+            optimizer.apply(gradients, variables)
+
+    for gradients in steps:
+        step([tf.constant(g) for g in gradients])
+    return [np.asarray(v) for v in variables], [np.asarray(v) for v in optimizer.variables], int(optimizer.iterations)
+
+
+def test_fused_adam_matches_keras_adam() -> None:
+    rng = np.random.default_rng(4)
+    shapes = [(3, 3, 8, 16), (16,), (16, 2)]
+    start = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    steps = [[rng.standard_normal(shape).astype(np.float32) for shape in shapes] for _ in range(4)]
+    keras_weights, keras_state, keras_count = _adam_steps(False, start, steps)
+    fused_weights, fused_state, fused_count = _adam_steps(True, start, steps)
+    assert keras_count == 4
+    assert fused_count == 4
+    for expected, actual in zip(keras_weights + keras_state, fused_weights + fused_state, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    # The weights moved, so the comparison is not between two untouched copies.
+    assert not np.allclose(keras_weights[0], start[0])
+
+
+def test_adam_options_fall_back_to_keras() -> None:
+    assert not is_plain_adam(keras.optimizers.Adam(amsgrad=True))
+    assert not is_plain_adam(keras.optimizers.Adam(clipnorm=1.0))
+    assert not is_plain_adam(keras.optimizers.SGD())
+    assert not is_plain_adam(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()))

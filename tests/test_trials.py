@@ -1,11 +1,16 @@
-"""Tests for sweep.trials: sampling that does not depend on which worker process runs a trial."""
+"""Tests for sweep.trials and the worker runner: sampling that does not depend on the worker, and parallel workers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
+from conftest import run_sweep, tiny_config, write_yaml
+from optuna.trial import TrialState
 
+from sweep.config import RuntimeSection
+from sweep.study import worker_layout
 from sweep.trials import TrialSeededSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,3 +44,25 @@ def test_plain_sampler_repeats_after_restart() -> None:
     assert restarted[0] == restarted[3]
     seeded = _params(lambda: TrialSeededSampler(optuna.samplers.TPESampler, 0), [3, 3])
     assert seeded[0] != seeded[3]
+
+
+def test_worker_layout() -> None:
+    runtime = RuntimeSection
+    assert worker_layout(runtime(), cpus=2, gpus=0) == (1, None)
+    assert worker_layout(runtime(parallel="auto"), cpus=2, gpus=0) == (2, 1)
+    assert worker_layout(runtime(parallel="auto"), cpus=16, gpus=0) == (4, 4)
+    assert worker_layout(runtime(parallel="auto"), cpus=16, gpus=1) == (1, None)
+    assert worker_layout(runtime(parallel=3), cpus=2, gpus=0) == (3, 1)
+    assert worker_layout(runtime(parallel=4, workers="inline"), cpus=8, gpus=0) == (1, None)
+
+
+def test_parallel_workers_stop_at_n_trials(tmp_path: Path, pneumonia_npz: Path) -> None:
+    # Two workers, two trials to complete: once both are running, neither may start a third.
+    config = tiny_config(tmp_path / "study", pneumonia_npz, study={"name": "parallel", "max_trials": 6})
+    config["runtime"] = {"parallel": 2}
+    result = run_sweep("run", str(write_yaml(tmp_path / "parallel.yaml", config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running trials in 2 worker processes at once, 1 TensorFlow thread(s) each" in result.stderr
+    study = optuna.load_study(study_name="parallel", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
