@@ -74,6 +74,8 @@ def study_config(args: argparse.Namespace, folder: Path, mode: str) -> dict[str,
     elif mode == "naive":
         config["study"]["pruner"] = "none"
         config["train"]["precision"] = "float32"
+        # A hand-written loop updates the weights with Keras's own Adam.
+        config["train"]["fused_adam"] = False
         config["cache"] = {"enabled": False}
         config["runtime"] = {"workers": "inline"}
     else:

@@ -115,6 +115,7 @@ class TrainSection(_Section):
     batch_size: int = Field(32, ge=1, description="Images per gradient step.")
     warmup_learning_rate: float = Field(1e-3, gt=0, description="Learning rate of phase 1.")
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="Keras optimizer of both phases (SGD with momentum 0.9).")
+    fused_adam: bool = Field(True, description="Apply Adam's update with TensorFlow's fused kernel, one pass over memory; false runs Keras's own Adam update.")
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
         "auto", description="Keras dtype policy; auto picks mixed_bfloat16 where the processor has bfloat16 matrix units, else float32."
     )

@@ -111,6 +111,7 @@ class Network:
             self.head_output = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="head_output")
             self.schedule = AdjustableInverseTimeDecay()
             self.optimizer = make_optimizer(train, self.schedule)
+            self.fused_adam = train.fused_adam and is_plain_adam(self.optimizer)
             if precision == "mixed_float16":
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
         self.models: dict[str | None, keras.Model] = {}
@@ -190,7 +191,7 @@ class Network:
         unknown = set(convolutions) - set(self.trainable_convs)
         if unknown:
             raise ValueError(f"convolutions {sorted(unknown)} are not among the {len(self.trainable_convs)} this network can train")
-        functions = _trace(self.model(cut), self.variables(convolutions), self.optimizer)
+        functions = _trace(self.model(cut), self.variables(convolutions), self.optimizer, self.fused_adam)
         if keep:
             self.steps[key] = functions
         return functions
@@ -227,11 +228,13 @@ class Network:
         return model
 
 
-def _trace(model: keras.Model, variables: list[keras.Variable], optimizer: keras.optimizers.Optimizer) -> tuple[TrainStep, PredictStep]:
-    """Trace one training step (returning the batch loss and probabilities) and one prediction step of ``model``."""
+def _trace(model: keras.Model, variables: list[keras.Variable], optimizer: keras.optimizers.Optimizer, fused: bool) -> tuple[TrainStep, PredictStep]:
+    """Trace one training step (returning the batch loss and probabilities) and one prediction step of ``model``.
+
+    With ``fused``, the step applies the optimizer, a plain Adam, with :func:`apply_adam`.
+    """
     shape = tuple(model.inputs[0].shape[1:])
     loss_function = keras.losses.SparseCategoricalCrossentropy()
-    fused = is_plain_adam(optimizer)
 
     @tf.function(input_signature=[tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64)])
     def train_step(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -147,6 +147,12 @@ def test_fused_adam_matches_keras_adam() -> None:
     assert not np.allclose(keras_weights[0], start[0])
 
 
+def test_fused_adam_setting() -> None:
+    assert Network(2, 32, None, TrainSection(), "avg", "float32", head_width=8, max_unfreeze=1).fused_adam
+    assert not Network(2, 32, None, TrainSection(fused_adam=False), "avg", "float32", head_width=8, max_unfreeze=1).fused_adam
+    assert not Network(2, 32, None, TrainSection(optimizer="sgd"), "avg", "float32", head_width=8, max_unfreeze=1).fused_adam
+
+
 def test_adam_options_fall_back_to_keras() -> None:
     assert not is_plain_adam(keras.optimizers.Adam(amsgrad=True))
     assert not is_plain_adam(keras.optimizers.Adam(clipnorm=1.0))
