@@ -25,12 +25,13 @@ from sweep.errors import SweepError, WorkerError
 from sweep.features import check_budget
 from sweep.folds import assign_folds, check_folds
 from sweep.store import Store
-from sweep.trials import run_trials
+from sweep.trials import claim_decision, run_trials
 from sweep.weights import resolve_weights
 
 logger = logging.getLogger(__name__)
 
 # Maximum number of worker processes that ``runtime.parallel: auto`` runs at once.
+# NOTE: a guess; auto has been measured only on a 2-core machine.
 MAX_AUTO_WORKERS = 4
 # Seconds between the runner's checks on its workers.
 WORKER_POLL_S = 1.0
@@ -100,9 +101,7 @@ def worker_layout(runtime: RuntimeSection, cpus: int, gpus: int) -> tuple[int, i
 
 def _run_workers(config: Config, study: optuna.Study, first: int, max_new: int, started: float, deadline: float | None) -> None:
     """Keep ``runtime.parallel`` worker processes running until the study is done or a limit is reached."""
-    import tensorflow as tf
-
-    count, threads = worker_layout(config.runtime, _cpu_count(), len(tf.config.list_physical_devices("GPU")))
+    count, threads = worker_layout(config.runtime, _cpu_count(), _gpu_count() if config.runtime.parallel == "auto" else 0)
     if count > 1:
         logger.info("running trials in %d worker processes at once, %d TensorFlow thread(s) each", count, threads)
     context = multiprocessing.get_context("spawn")
@@ -133,10 +132,7 @@ def _room(config: Config, study: optuna.Study, first: int, max_new: int, deadlin
     """Return whether a worker started now could start a trial."""
     if deadline is not None and time.time() >= deadline:
         return False
-    trials = study.get_trials(deepcopy=False)
-    completed = sum(t.state == TrialState.COMPLETE for t in trials)
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    return sum(t.number >= first for t in trials) < max_new and completed + running < config.study.n_trials
+    return claim_decision(config, study, first, max_new) == "start"
 
 
 def _stop(running: dict[multiprocessing.process.BaseProcess, int]) -> None:
@@ -152,6 +148,12 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def _gpu_count() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
 
 
 def _thread_settings(threads: int | None) -> dict[str, str]:

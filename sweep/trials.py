@@ -8,7 +8,6 @@ completed ones, the worker has run its share, or its memory has grown too much.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import logging
@@ -16,10 +15,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import keras
 import numpy as np
@@ -30,7 +29,7 @@ from sklearn.metrics import confusion_matrix
 from sweep.config import Config, FloatRange, IntRange, SearchSection
 from sweep.data import Dataset
 from sweep.doctor import prepare_dataset
-from sweep.features import CacheKey, FeatureCache, cuts_for_config, weights_fingerprint
+from sweep.features import CacheKey, FeatureCache, cuts_for_config, exclusive_lock, weights_fingerprint
 from sweep.folds import iter_folds
 from sweep.health import fold_flags, trial_health
 from sweep.model import HyperParameters, build_model, dtype_policy, prefix_model
@@ -355,7 +354,7 @@ def anonymous_memory_mb() -> float:
 
 
 class _Recycle:
-    """Tells a worker to exit after its share of trials or once its anonymous memory has grown."""
+    """The rule that ends a worker after its share of trials or once its anonymous memory has grown."""
 
     def __init__(self, max_trials: int, growth: float) -> None:
         self.max_trials = max_trials
@@ -408,22 +407,33 @@ def run_trials(config: Config, first: int, max_new: int, started: float, deadlin
 
 
 def _claim_trial(config: Config, study: optuna.Study, first: int, max_new: int, deadline: float | None) -> optuna.Trial | None:
-    """Start the next trial, or return None when the run is done.
-
-    While other workers' trials could still bring the study to ``study.n_trials``
-    completed, this waits for them, because a pruned one leaves room for another trial.
-    """
+    """Start the next trial, or return None when the run is done (see :func:`claim_decision`)."""
+    config.study.folder.mkdir(parents=True, exist_ok=True)
     while deadline is None or time.time() < deadline:
-        with _study_lock(config.study.folder):
-            trials = study.get_trials(deepcopy=False)
-            completed = sum(t.state == TrialState.COMPLETE for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if sum(t.number >= first for t in trials) >= max_new or completed >= config.study.n_trials:
+        # The lock is shared by every worker of the study, so two never claim the last free trial.
+        with exclusive_lock(config.study.folder / ".trials.lock"):
+            decision = claim_decision(config, study, first, max_new)
+            if decision == "done":
                 return None
-            if completed + running < config.study.n_trials:
+            if decision == "start":
                 return study.ask()
         time.sleep(CLAIM_POLL_S)
     return None
+
+
+def claim_decision(config: Config, study: optuna.Study, first: int, max_new: int) -> Literal["start", "wait", "done"]:
+    """Return whether a worker may start a trial now, must wait for running ones to end, or is done.
+
+    The run is done once it has started ``max_new`` trials or the study has
+    ``study.n_trials`` completed ones. While running trials could still bring
+    it there, a worker waits, because a pruned one leaves room for another trial.
+    """
+    trials = study.get_trials(deepcopy=False)
+    completed = sum(t.state == TrialState.COMPLETE for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    if sum(t.number >= first for t in trials) >= max_new or completed >= config.study.n_trials:
+        return "done"
+    return "start" if completed + running < config.study.n_trials else "wait"
 
 
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
@@ -441,18 +451,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -
     else:
         # A non-finite value is recorded as a failed trial, with Optuna's warning.
         study.tell(trial, value)
-
-
-@contextmanager
-def _study_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the study folder, shared by every worker process of the study."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".trials.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sampler(config: Config) -> optuna.samplers.BaseSampler:
